@@ -1,0 +1,30 @@
+# Set-up is part of every target: the virtual environment is created on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install train test test-fast evaluate clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+## default training run (offline, embedded digits data set); extra overrides: make train ARGS="model=vgg16"
+train: $(STAMP)
+	$(PY) -m lightning_project.train $(ARGS)
+
+## the whole test suite, slow end-to-end tests included
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+## the quick part only (unit tests, no end-to-end runs)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+clean:
+	rm -rf logs .pytest_cache

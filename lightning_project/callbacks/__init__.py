@@ -1,0 +1,5 @@
+"""Our callbacks (only what Lightning's own do not do)."""
+
+from lightning_project.callbacks.history import EpochHistory
+
+__all__ = ["EpochHistory"]

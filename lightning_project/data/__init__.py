@@ -1,0 +1,11 @@
+"""Images, splits, augmentation pipelines and loaders; plain Python, no Hydra."""
+
+from lightning_project.data.datamodules import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageDataModule,
+    ImageFolderDataModule,
+    create_datamodule,
+)
+
+__all__ = ["ImageDataModule", "DigitsDataModule", "ImageFolderDataModule", "CIFAR10DataModule", "create_datamodule"]

@@ -1,0 +1,296 @@
+"""The LightningModule: a torchvision network with a new head, a fine-tuning plan and its optimizer.
+
+Plain Python: build it in a notebook with keyword arguments, or reload it from a checkpoint with
+`ClassifierModule.load_from_checkpoint(path)` (no Hydra, no network: the checkpoint holds the
+weights, the class names, the input size and the normalisation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from lightning_project.errors import UserError
+from lightning_project.models import backbones, finetune
+from lightning_project.optim import build_optimizer, build_scheduler
+from lightning_project.optim.schedulers import WarmupSchedule
+
+CHECKPOINT_KEY = "lightning_project"  # our extra entry in Lightning checkpoints
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "precision": MulticlassPrecision(num_classes, average="macro"),
+        "recall": MulticlassRecall(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class ClassifierModule(pl.LightningModule):
+    """Fine-tunes torchvision model `model_name` for `num_classes` classes.
+
+    finetune: {strategy: full|feature_extractor|partial, train_stages, freeze, unfreeze, freeze_bn_stats}
+    optim: {_target_ (torch.optim class), lr, groups: [{name, patterns, lr|lr_scale, ...}], rest, **options}
+    scheduler: {name, **options} (see lightning_project.optim.schedulers)
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet18",
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        pretrained: bool | str = False,
+        weights: str = "DEFAULT",
+        weights_path: str | None = None,
+        download: bool = True,
+        head_dropout: float = 0.0,
+        finetune: dict | None = None,
+        optim: dict | None = None,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        image_size: int = 224,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        class_names = list(class_names or [str(i) for i in range(num_classes)])
+        if mean is None or std is None:
+            mean, std = backbones.normalization(model_name, weights)
+        self.save_hyperparameters()  # reads the (completed) arguments above; they rebuild this module
+        self.net, self.head = backbones.build_network(model_name, num_classes, head_dropout)
+        self.groups = self._plan(finetune or {}, dict(optim or {}))  # validated before any download
+        self._check_recipe()
+        self.weights_source = backbones.load_pretrained(
+            self.net, self.head, model_name, pretrained, weights, weights_path, download
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = _metrics(num_classes, "train/")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.confusion: torch.Tensor | None = None  # filled at the end of `test`
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, weights_only=True, **kwargs):
+        """Reload for inference or further training: the weights come from the checkpoint, so the
+        pretrained ones are never fetched again (override any hyperparameter with a keyword).
+        Our checkpoints hold tensors and plain values only, so they load with weights_only=True."""
+        kwargs.setdefault("pretrained", False)
+        kwargs.setdefault("weights_path", None)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, weights_only=weights_only, **kwargs
+        )
+
+    # ---- fine-tuning plan -------------------------------------------------------------------
+    def _plan(self, ft: dict, optim: dict) -> list[finetune.ParamGroup]:
+        trainable = finetune.plan_trainable(
+            self.net,
+            self.head,
+            strategy=ft.get("strategy", "full"),
+            train_stages=int(ft.get("train_stages", 1)),
+            freeze=ft.get("freeze") or (),
+            unfreeze=ft.get("unfreeze") or (),
+        )
+        groups, ungrouped = finetune.plan_groups(
+            self.net,
+            optim.get("groups") or [],
+            float(optim.get("lr", 1e-3)),
+            optim.get("rest", "default"),
+            finetune.aliases(self.net, self.head),
+        )
+        trainable -= set(ungrouped)
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name in trainable)
+        if not trainable:
+            raise UserError("finetune/optim: no parameter is left trainable; check finetune.* and optim.rest")
+        return groups
+
+    def group_table(self) -> list[dict]:
+        return finetune.group_table(self.groups, self.net, self._optimizer_options())
+
+    def frozen_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
+
+    def train(self, mode: bool = True) -> "ClassifierModule":
+        # model.train() puts every submodule back in train mode, including BatchNorm inside frozen
+        # parts, whose running statistics would then drift; keep those in eval mode.
+        super().train(mode)
+        if mode and (self.hparams.finetune or {}).get("freeze_bn_stats", True):
+            for layer in finetune.frozen_norm_layers(self.net):
+                layer.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls train() itself: a new module is in train mode throughout, and
+        # validation restores the modes it found. Set them here, once trainability is final for
+        # the epoch (callbacks that unfreeze run before this hook).
+        self.train()
+
+    # ---- steps -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if isinstance(out, torch.Tensor) else out.logits  # Inception/GoogLeNet in train mode
+
+    def _log_metrics(self, metrics: MetricCollection, progress_bar: str = "") -> None:
+        # Metric objects: Lightning computes them once per epoch (synchronised across processes)
+        for name, metric in metrics.items():
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == progress_bar)
+
+    def _step(self, batch, metrics: MetricCollection) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        metrics.update(logits.detach(), y)
+        return loss, logits
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._step(batch, self.train_metrics)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        self._log_metrics(self.train_metrics)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, _ = self._step(batch, self.val_metrics)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self._log_metrics(self.val_metrics, progress_bar="val/acc")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, logits = self._step(batch, self.test_metrics)
+        self.test_confusion.update(logits.argmax(dim=1), batch[1])
+        self.log("test/loss", loss, on_epoch=True)
+        self._log_metrics(self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.confusion = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=1)
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    def _optimizer_options(self) -> dict:
+        optim = dict(self.hparams.optim or {})
+        for key in ("_target_", "groups", "rest", "lr"):
+            optim.pop(key, None)
+        return optim
+
+    def _build_optimizer(self):
+        params = dict(self.net.named_parameters())
+        param_groups = [
+            {"name": g.name, "params": [params[n] for n in g.names], **g.options} for g in self.groups
+        ]
+        target = (self.hparams.optim or {}).get("_target_", "SGD")
+        return build_optimizer(param_groups, target, **self._optimizer_options())
+
+    def _check_recipe(self) -> None:
+        """Build a throwaway optimizer and scheduler: a wrong name or option fails now, before any
+        data is loaded, instead of when Lightning calls configure_optimizers."""
+        sched = dict(self.hparams.scheduler or {"name": "none"})
+        build_scheduler(self._build_optimizer(), total_steps=10**9, steps_per_epoch=1, **sched)
+
+    def configure_optimizers(self):
+        optimizer = self._build_optimizer()
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        sched = dict(self.hparams.scheduler or {"name": "none"})
+        scheduler = build_scheduler(optimizer, total_steps=total, steps_per_epoch=per_epoch, **sched)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_start(self) -> None:
+        # A resumed run restores its scheduler, whose length was planned for the original run;
+        # OneCycle would fail past its end and cosine/linear would stop decaying mid-run.
+        planned_total = self.trainer.estimated_stepping_batches
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            factor = (getattr(sched, "lr_lambdas", None) or [None])[0]
+            planned = getattr(sched, "total_steps", None) or (
+                factor.total if isinstance(factor, WarmupSchedule) and factor.shape in ("cosine", "linear") else None
+            )
+            if planned is not None and planned != planned_total:
+                raise UserError(
+                    f"ckpt_path: the checkpoint's {self.hparams.scheduler['name']} schedule spans {planned} steps, "
+                    f"this run {planned_total}; resume with the same trainer.max_epochs/data.batch_size, or start "
+                    "a new schedule from its weights with model.weights_path=<checkpoint> instead of ckpt_path"
+                )
+
+    # ---- checkpoint extras ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        extra = {"pretrained_used": self.weights_source.used, "weights_source": self.weights_source.source}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:  # its arguments are in Lightning's datamodule_hyper_parameters
+            extra["datamodule_target"] = f"{type(dm).__module__}.{type(dm).__qualname__}"
+        checkpoint[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), **extra}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        if "pretrained_used" in extra:
+            self.weights_source = backbones.WeightsSource(extra["pretrained_used"], extra["weights_source"])
+
+
+RECIPE_KEYS = ("model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size")
+
+
+def _flat(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def check_resumable(path: str | Path, module: ClassifierModule) -> None:
+    """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
+    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such file")
+    try:  # memory-mapped: the tensors are not read
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception as e:
+        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
+    before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
+    now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"ckpt_path={path}: trained with {k}={before.get(k)!r}, this run has {now.get(k)!r}"
+            f"{f' (and {len(diff) - 1} more differences)' if len(diff) > 1 else ''}; resume with the same "
+            "configuration, or start afresh from its weights with model.weights_path=<checkpoint>"
+        )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ClassifierModule, dict]:
+    """The module in eval mode and the raw checkpoint (read once, tensors and plain types only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    module = ClassifierModule(**{**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None})
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module.eval(), checkpoint

@@ -1,0 +1,236 @@
+"""What trains and at which learning rate: freezing by pattern or stage, frozen BatchNorm, parameter groups.
+
+A pattern is either a dotted module path (`features`, `layer4`, `classifier.6`), which selects that
+module's parameters, or a regular expression matched from the start of names from
+`named_parameters()` (`features\\.(0|2)\\.`). A pattern that matches nothing is an error, never a
+silent no-op: that is the bug hand-written loops hide (`classifier.0.biase`).
+
+Every parameter group holds its frozen parameters too: the optimizer skips tensors without a
+gradient (no update, no weight decay, no momentum), and unfreezing later only flips
+`requires_grad`, so schedulers never meet a group they did not know about.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_project.errors import UserError, close_names
+
+MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
+STRATEGIES = ("full", "feature_extractor", "partial")
+GROUP_KEYS = ("name", "patterns", "lr", "lr_scale")  # our keys; any other key is an optimizer option
+
+
+def matcher(pattern: str, where: str) -> Callable[[str], bool]:
+    if MODULE_PATH.fullmatch(pattern):
+        return lambda name: name == pattern or name.startswith(pattern + ".")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{where}: {pattern!r} is not a valid regular expression ({e})") from None
+    return lambda name: rx.match(name) is not None
+
+
+def _candidates(names: list[str]) -> list[str]:
+    """Parameter names and every module path above them, for 'did you mean' hints."""
+    paths = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+    return sorted(paths) + names
+
+
+def aliases(net: nn.Module, head: str) -> dict[str, list[str]]:
+    """`@head` (the new head), `@neck` (the block before it), `@body` (everything earlier).
+
+    They let one recipe (optim=sgd_groups) fit any torchvision model; the VGG and ResNet configs
+    spell the same parts out by name.
+    """
+    blocks = stages(net, head)
+    return {
+        "@head": [head],
+        "@neck": blocks[-2][1] if len(blocks) > 1 else [],
+        "@body": [p for _, paths in blocks[:-2] for p in paths],
+    }
+
+
+def select(
+    names: list[str], patterns: Iterable[str], where: str, alias: dict[str, list[str]] | None = None
+) -> list[str]:
+    """Names matched by any pattern, in model order; a pattern that matches nothing is an error."""
+    expanded: list[str] = []
+    for pattern in patterns:
+        pattern = str(pattern)
+        if pattern.startswith("@"):
+            if alias is None or pattern not in alias or not alias[pattern]:
+                known = ", ".join(k for k, v in (alias or {}).items() if v)
+                raise UserError(f"{where}: unknown or empty alias {pattern!r}; known here: {known}")
+            expanded += alias[pattern]
+        else:
+            expanded.append(pattern)
+    chosen: set[str] = set()
+    for pattern in expanded:
+        match = matcher(str(pattern), where)
+        hits = [n for n in names if match(n)]
+        if not hits:
+            raise UserError(
+                f"{where}: pattern {pattern!r} matches no parameter; closest names: "
+                f"{close_names(str(pattern), _candidates(names))}"
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def stages(net: nn.Module, head: str) -> list[tuple[str, list[str]]]:
+    """The network's blocks from input to output as (name, module paths), the new head last.
+
+    Top-level children that hold parameters, in order (ResNet: conv1, bn1, layer1..layer4; VGG:
+    features, classifier); the block that contains the head is split into its other layers
+    (VGG: classifier.0 and classifier.3) and the head itself.
+    """
+    def has_params(m: nn.Module) -> bool:
+        return any(True for _ in m.parameters())
+
+    out = [(n, [n]) for n, _ in net.named_parameters(recurse=False)]  # e.g. ViT's class_token
+    top = head.split(".")[0]
+    for name, child in net.named_children():
+        if not has_params(child):
+            continue
+        if name != top:
+            out.append((name, [name]))
+            continue
+        rest = [
+            f"{name}.{sub}" for sub, m in child.named_children()
+            if has_params(m) and not head.startswith(f"{name}.{sub}")
+        ]
+        if rest:
+            out.append((name, rest))
+    out.append(("head", [head]))
+    return out
+
+
+def plan_trainable(
+    net: nn.Module,
+    head: str,
+    strategy: str = "full",
+    train_stages: int = 1,
+    freeze: Iterable[str] = (),
+    unfreeze: Iterable[str] = (),
+) -> set[str]:
+    """Names of the parameters that train.
+
+    full: everything; feature_extractor: the new head only; partial: the head and the last
+    `train_stages` blocks before it (see `stages`). Then `freeze` patterns are frozen and
+    `unfreeze` patterns made trainable again.
+    """
+    names = [n for n, _ in net.named_parameters()]
+    alias = aliases(net, head)
+    if strategy == "full":
+        trainable = set(names)
+    elif strategy == "feature_extractor":
+        trainable = set(select(names, [head], "finetune (head)"))
+    elif strategy == "partial":
+        body = stages(net, head)[:-1]
+        if not 1 <= train_stages <= len(body):
+            raise UserError(
+                f"finetune.train_stages={train_stages}: {type(net).__name__} has {len(body)} blocks before "
+                f"the head ({', '.join(s for s, _ in body)}); choose 1..{len(body)}"
+            )
+        patterns = [head] + [p for _, paths in body[-train_stages:] for p in paths]
+        trainable = set(select(names, patterns, "finetune.partial"))
+    else:
+        raise UserError(f"finetune.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    trainable -= set(select(names, freeze, "finetune.freeze", alias))
+    trainable |= set(select(names, unfreeze, "finetune.unfreeze", alias))
+    return trainable
+
+
+def frozen_norm_layers(net: nn.Module) -> list[_BatchNorm]:
+    """BatchNorm layers whose affine parameters are all frozen.
+
+    `requires_grad=False` does not stop BatchNorm from updating its running statistics in train
+    mode, so these layers must be put in eval mode after every `train()` call.
+    """
+    return [
+        m for m in net.modules()
+        if isinstance(m, _BatchNorm)
+        and any(True for _ in m.parameters())
+        and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    patterns: list[str]
+    names: list[str]  # parameter names, frozen ones included
+    options: dict = field(default_factory=dict)  # lr, weight_decay, momentum, ... as the optimizer takes them
+
+
+def plan_groups(
+    net: nn.Module, specs: Iterable[dict], base_lr: float, rest: str = "default",
+    alias: dict[str, list[str]] | None = None,
+) -> tuple[list[ParamGroup], list[str]]:
+    """Parameter groups from specs `{name, patterns, lr | lr_scale, **optimizer options}`.
+
+    `lr` is absolute, `lr_scale` multiplies `base_lr` (default 1); patterns may use `aliases`. Parameters matched by no group
+    go to a `default` group at `base_lr` (rest='default') or are frozen (rest='freeze', returned
+    as the second value). A parameter claimed by two groups is an error.
+    """
+    if rest not in ("default", "freeze"):
+        raise UserError(f"optim.rest={rest!r}: choose default (own group at optim.lr) or freeze")
+    if not base_lr > 0:
+        raise UserError(f"optim.lr={base_lr}: the learning rate must be positive")
+    names = [n for n, _ in net.named_parameters()]
+    owner: dict[str, str] = {}
+    groups: list[ParamGroup] = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        label = f"optim.groups[{i}]"
+        if not spec.get("name") or not spec.get("patterns"):
+            raise UserError(f"{label}: needs a name and a non-empty patterns list, got {spec}")
+        name, patterns = str(spec.pop("name")), spec.pop("patterns")
+        patterns = [patterns] if isinstance(patterns, str) else [str(p) for p in patterns]
+        label = f"optim.groups.{name}"
+        if name in {g.name for g in groups} | ({"default"} if rest == "default" else set()):
+            raise UserError(f"{label}: the group name {name!r} is used twice; give each group its own name")
+        lr, scale = spec.pop("lr", None), spec.pop("lr_scale", None)
+        if lr is not None and scale is not None:
+            raise UserError(f"{label}: set lr (absolute) or lr_scale (times optim.lr), not both")
+        lr = float(lr) if lr is not None else base_lr * float(1.0 if scale is None else scale)
+        if not lr > 0:
+            raise UserError(f"{label}.lr={lr}: the learning rate must be positive")
+        members = select(names, patterns, f"{label}.patterns", alias)
+        for n in members:
+            if n in owner:
+                raise UserError(
+                    f"{label}: parameter {n} is also claimed by group {owner[n]!r}; make the patterns disjoint"
+                )
+            owner[n] = name
+        groups.append(ParamGroup(name, patterns, members, {"lr": lr, **spec}))
+    ungrouped = [n for n in names if n not in owner]
+    if rest == "freeze":
+        return groups, ungrouped
+    if ungrouped:
+        groups.append(ParamGroup("default", ["(no group)"], ungrouped, {"lr": base_lr}))
+    return groups, []
+
+
+def group_table(groups: list[ParamGroup], net: nn.Module, defaults: dict) -> list[dict]:
+    """One row per group for the start-of-run table: tensors and parameters trainable/total, lr, decay."""
+    params = dict(net.named_parameters())
+    rows = []
+    for g in groups:
+        ps = [params[n] for n in g.names]
+        rows.append({
+            "group": g.name,
+            "patterns": ", ".join(g.patterns),
+            "tensors": f"{sum(p.requires_grad for p in ps)}/{len(ps)}",
+            "trainable": sum(p.numel() for p in ps if p.requires_grad),
+            "frozen": sum(p.numel() for p in ps if not p.requires_grad),
+            "lr": g.options["lr"],
+            "weight_decay": g.options.get("weight_decay", defaults.get("weight_decay", 0.0)),
+        })
+    return rows

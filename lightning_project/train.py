@@ -1,0 +1,205 @@
+"""`python -m lightning_project.train`: fit, test with the best checkpoint, fill the run directory.
+
+The only place (with the other entry points) that knows Hydra: the config is turned into plain
+values here and handed to the data module, the LightningModule and the Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from lightning_project.callbacks import EpochHistory
+from lightning_project.data import ImageDataModule, create_datamodule
+from lightning_project.errors import UserError
+from lightning_project.models import ClassifierModule
+from lightning_project.models.classifier import check_resumable
+from lightning_project.models.backbones import normalization
+from lightning_project.models.layers import make_pooling_deterministic
+from lightning_project.utils import config as config_utils
+from lightning_project.utils import runtime, summary
+from lightning_project.utils.config import plain
+
+log = logging.getLogger("lightning_project")
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build_datamodule(cfg: DictConfig, mean: list[float], std: list[float]) -> ImageDataModule:
+    """The configured data module, with its labels read and checked (no images decoded yet)."""
+    kwargs = plain(cfg.data)
+    target = kwargs.pop("_target_", None)
+    if not target:
+        raise UserError("data._target_ is missing: pick a data config (data=digits|imagefolder|cifar10)")
+    # built directly, not through hydra's instantiate, which would try to build the transform specs
+    return create_datamodule(
+        target,
+        **kwargs,
+        train_transforms=plain(cfg.augment.train),
+        eval_transforms=plain(cfg.augment.eval),
+        mean=mean,
+        std=std,
+    )
+
+
+def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std) -> ClassifierModule:
+    resuming = cfg.get("ckpt_path") is not None
+    module = ClassifierModule(
+        model_name=cfg.model.name,
+        num_classes=len(datamodule.classes),
+        class_names=datamodule.classes,
+        pretrained=False if resuming else cfg.model.pretrained,  # a resumed run takes its weights from the checkpoint
+        weights=cfg.model.weights,
+        weights_path=None if resuming else cfg.model.weights_path,
+        download=cfg.model.download,
+        head_dropout=cfg.model.head_dropout,
+        finetune=plain(cfg.finetune),
+        optim=plain(cfg.optim),
+        scheduler=plain(cfg.scheduler),
+        label_smoothing=cfg.loss.label_smoothing,
+        image_size=cfg.augment.image_size,
+        mean=mean,
+        std=std,
+    )
+    if cfg.trainer.get("deterministic"):
+        make_pooling_deterministic(module.net)
+    return module
+
+
+def print_groups(module: ClassifierModule, console: Console) -> None:
+    table = Table(title=f"parameter groups ({type(module.net).__name__}, head: {module.head})")
+    for column in ("group", "patterns", "tensors", "trainable", "frozen", "lr", "weight decay"):
+        table.add_column(column, justify="left" if column in ("group", "patterns") else "right")
+    for row in module.group_table():
+        table.add_row(
+            row["group"], row["patterns"], row["tensors"], f"{row['trainable']:,}", f"{row['frozen']:,}",
+            f"{row['lr']:.3g}", f"{row['weight_decay']:.3g}",
+        )
+    console.print(table)
+    console.print(f"frozen parameters: {module.frozen_parameter_count():,}")
+
+
+def _instantiate_all(section: DictConfig | None, what: str) -> list:
+    """Every `_target_` entry of a callbacks/logger mapping (entries set to null are skipped)."""
+    out = []
+    for name, node in (section or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise UserError(f"{what}.{name}: needs a _target_ (the class to create)")
+        out.append(instantiate(node, _convert_="all"))
+    return out
+
+
+def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks") + [history]
+    loggers = _instantiate_all(cfg.get("logger"), "logger")
+    if not loggers:  # nothing to log learning rates to (Lightning would refuse to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise UserError(f"trainer: {cause}".splitlines()[0]) from None
+
+
+def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> float | None:
+    name = cfg.optimized_metric
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.monitor == name and ckpt.best_model_score is not None:
+        return float(ckpt.best_model_score)
+    return metrics.get(name)
+
+
+def train(cfg: DictConfig) -> float | None:
+    started = time.perf_counter()
+    out = run_dir()
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
+        console = Console(width=160)
+    runtime.setup(cfg.seed, cfg.matmul_precision)
+    config_utils.print_tree(cfg, console)
+    config_utils.save(cfg, out / ".hydra" / "config.yaml")
+
+    mean, std = normalization(cfg.model.name, cfg.model.weights)
+    datamodule = build_datamodule(cfg, mean, std)
+    log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
+    if datamodule.counts["test"] == datamodule.counts["val"] and cfg.data.get("test_fraction", 0) == 0:
+        log.warning("no test split: the test metrics are measured on the validation split")
+    module = build_module(cfg, datamodule, mean, std)
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, module)
+    print_groups(module, console)
+    history = EpochHistory()
+    trainer = build_trainer(cfg, history)
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - fit_start
+    epochs = list(history.epochs)  # testing a checkpoint restores the callbacks' state of that epoch
+    if trainer.interrupted:
+        raise UserError("training was interrupted; resume it with ckpt_path=<run dir>/checkpoints/last.ckpt")
+
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    test_start = time.perf_counter()
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=best) if cfg.get("test", True) else [{}]
+    test_seconds = time.perf_counter() - test_start
+
+    metrics = {k: float(v) for k, v in (epochs[-1] if epochs else {}).items() if k != "epoch"}
+    metrics.update({k: float(v) for k, v in results[0].items()})
+    value = _optimized_value(cfg, trainer, metrics)
+    report = {
+        "optimized_metric": {"name": cfg.optimized_metric, "value": value},
+        "metrics": metrics,
+        "best_checkpoint": best,
+        "best_score": float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None,
+        "last_checkpoint": str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.save_last else None,
+        "pretrained": {
+            "requested": str(cfg.model.pretrained),
+            "used": module.weights_source.used,
+            "source": module.weights_source.source,
+        },
+        "model": cfg.model.name,
+        "param_groups": module.group_table(),
+        "frozen_parameters": module.frozen_parameter_count(),
+        "classes": datamodule.classes,
+        "split_sizes": datamodule.counts,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "timings": {
+            "fit_seconds": round(fit_seconds, 3),
+            "test_seconds": round(test_seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+        },
+        "history": epochs,
+    }
+    summary.write_json(out / "metrics.json", report)
+    if epochs:
+        summary.plot_curves(epochs, out / "curves.png")
+    if module.confusion is not None:
+        summary.plot_confusion(module.confusion, datamodule.classes, out / "confusion_matrix.png")
+    log.info("%s = %s; run directory: %s", cfg.optimized_metric, value, out)
+    return value
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with runtime.user_errors():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

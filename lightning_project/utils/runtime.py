@@ -1,0 +1,45 @@
+"""Process set-up shared by the entry points: seed, matmul precision, one-line user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_project.errors import UserError
+
+log = logging.getLogger("lightning_project")
+
+
+def quiet_library_noise() -> None:
+    """Drop two messages that are noise for our users: Lightning's advertisement for its cloud
+    logger, and a deprecation inside Lightning's own pytree helper that users cannot act on."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def setup(seed: int | None, matmul_precision: str = "highest") -> None:
+    quiet_library_noise()
+    if matmul_precision not in ("highest", "high", "medium"):
+        raise UserError(f"matmul_precision={matmul_precision!r}: choose highest, high (TF32) or medium")
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(matmul_precision)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Report a UserError as one line on stderr and exit with status 2 (no traceback wall)."""
+    try:
+        yield
+    except UserError as e:
+        log.debug("user error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,99 @@
+"""Shared helpers: run the real commands in subprocesses, build tiny image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# quiet, offline, CSV only: what most end-to-end runs share
+FAST = ["trainer.enable_progress_bar=false", "model.pretrained=false", "logger=csv", "trainer.num_sanity_val_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """An empty torch cache: no test sees (or fills) the user's real $TORCH_HOME."""
+    return tmp_path_factory.mktemp("torch_home")
+
+
+@pytest.fixture(scope="session")
+def env(torch_home) -> dict:
+    return {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(monkeypatch, torch_home):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+
+def run_command(module: str, *args: str, env: dict, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m lightning_project.<module> args...` as a user types it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"lightning_project.{module}", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def train(run_dir: Path, *overrides: str, env: dict, check: bool = True, fast: bool = True):
+    args = [f"hydra.run.dir={run_dir}", *(FAST if fast else []), *overrides]
+    return run_command("train", *args, env=env, cwd=run_dir.parent, check=check)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a user mistake must produce: non-zero exit, `error: ...`, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def make_image_folder(
+    root: Path, classes=("cat", "dog", "fox"), per_class: int = 8, size: int = 40, ext: str = ".png", seed: int = 0
+) -> Path:
+    """Class folders of small images whose colour says the class (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            pixels = rng.integers(0, 60, (size, size, 3))
+            pixels[..., index % 3] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{j}{ext}")
+    return root
+
+
+def compose_train(overrides: list[str], run_dir: Path, name: str = "train"):
+    """The config as `python -m lightning_project.<name> overrides` composes it, resolved, with
+    HydraConfig set as in a real run (for in-process runs of the entry functions)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.runtime.cwd = str(run_dir)
+    HydraConfig.instance().set_config(cfg)  # what ${hydra:...} resolves against
+    with open_dict(cfg):
+        del cfg["hydra"]  # as the task function sees it
+    OmegaConf.resolve(cfg)
+    return cfg

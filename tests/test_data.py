@@ -1,0 +1,137 @@
+"""Data modules, splits and augmentation pipelines, on the embedded digits and tiny image folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from conftest import make_image_folder
+from lightning_project.data import DigitsDataModule, ImageFolderDataModule, create_datamodule
+from lightning_project.data.splits import stratified_split
+from lightning_project.data.transforms import build_pipeline
+from lightning_project.errors import UserError
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+EVAL = {"resize": {"_target_": "Resize", "size": 32}, "crop": {"_target_": "CenterCrop", "size": 32}}
+
+
+def digits(**kwargs):
+    return DigitsDataModule(batch_size=16, num_workers=0, eval_transforms=EVAL, train_transforms=EVAL,
+                            mean=MEAN, std=STD, **kwargs)
+
+
+def test_digits_split_is_stratified_and_follows_the_seed():
+    a, b, c = digits(seed=1), digits(seed=1), digits(seed=2)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert a.classes == [str(i) for i in range(10)]
+    assert a.counts == {"train": 1257, "val": 270, "test": 270}
+    val_labels = a._items["val"][1]
+    assert set(np.bincount(val_labels, minlength=10)) <= {26, 27, 28}  # every class keeps its share
+    assert torch.equal(a._items["val"][0], b._items["val"][0])
+    assert not torch.equal(a._items["val"][0], c._items["val"][0])
+    x, y = next(iter(a.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert -2.2 < x.min() and x.max() < 2.7  # normalised with the ImageNet statistics
+
+
+def test_image_folder_flat_with_mixed_case_extensions(tmp_path):
+    make_image_folder(tmp_path / "imgs", ("cat", "dog"), per_class=10)
+    make_image_folder(tmp_path / "imgs", ("dog",), per_class=2, ext=".PNG", seed=3)
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    dm = ImageFolderDataModule(root=str(tmp_path / "imgs"), eval_transforms=EVAL, train_transforms=EVAL,
+                               val_fraction=0.2, test_fraction=0.2, batch_size=4, num_workers=0)
+    assert dm.prepare() == ["cat", "dog"]
+    assert sum(dm.counts.values()) == 22 and dm.counts["val"] >= 4 and dm.counts["test"] >= 4
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape[1:] == (3, 32, 32)
+
+
+def test_image_folder_split_folders_on_disk(tmp_path):
+    make_image_folder(tmp_path / "train", ("a", "b"), per_class=10)
+    make_image_folder(tmp_path / "val", ("a", "b"), per_class=3)
+    dm = ImageFolderDataModule(root=str(tmp_path), eval_transforms=EVAL, test_fraction=0.2, num_workers=0)
+    dm.prepare()
+    assert dm.counts == {"train": 16, "val": 6, "test": 4}  # no test/: carved from train only
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "data.root=.*missing: no such directory"),
+        ("files_only", "no class folders; put the images of each class in"),
+        ("empty_class", "class folder empty/ holds no images"),
+        ("unknown_val_class", r"class folders \['zebra'\] are not training classes"),
+    ],
+)
+def test_image_folder_errors(tmp_path, layout, message):
+    root = tmp_path / layout
+    if layout == "files_only":
+        root.mkdir()
+        (root / "x.png").write_bytes(b"")
+    elif layout == "empty_class":
+        make_image_folder(root, ("full",), per_class=4)
+        (root / "empty").mkdir()
+    elif layout == "unknown_val_class":
+        make_image_folder(root / "train", ("a", "b"), per_class=6)
+        make_image_folder(root / "val", ("zebra",), per_class=2)
+    dm = ImageFolderDataModule(root=str(root), eval_transforms=EVAL, num_workers=0)
+    with pytest.raises(UserError, match=message):
+        dm.prepare()
+
+
+def test_root_is_required_and_class_count_is_checked(tmp_path):
+    with pytest.raises(UserError, match="data.root is not set"):
+        ImageFolderDataModule(root=None)
+    make_image_folder(tmp_path, ("a", "b", "c"), per_class=6)
+    with pytest.raises(UserError, match=r"data.num_classes=5 but the data holds 3 classes \(a, b, c\)"):
+        ImageFolderDataModule(root=str(tmp_path), num_classes=5, num_workers=0).prepare()
+
+
+def test_create_datamodule_checks_target_and_keys():
+    with pytest.raises(UserError, match="not an ImageDataModule"):
+        create_datamodule("torch.nn.Linear")
+    with pytest.raises(UserError, match="unexpected keyword argument 'bach_size'"):
+        create_datamodule("lightning_project.data.DigitsDataModule", bach_size=3)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [((0.5, 0.5), "leaves no training images"), ((1.2, 0.0), r"data.val_fraction=1.2: must be in \[0, 1\)")],
+)
+def test_split_fractions_are_checked(values, message):
+    with pytest.raises(UserError, match=message):
+        stratified_split(np.zeros(10, dtype=int), *values, seed=0)
+
+
+def test_pipeline_steps_in_order_with_nulls_skipped_and_nested_specs():
+    spec = {
+        "crop": {"_target_": "RandomResizedCrop", "size": 24, "scale": [0.5, 1.0]},
+        "flip": None,
+        "maybe_blur": {"_target_": "RandomApply", "p": 0.5,
+                       "transforms": [{"_target_": "torchvision.transforms.v2.GaussianBlur", "kernel_size": 3}]},
+    }
+    pipeline = build_pipeline(spec, MEAN, STD, "augment.train")
+    kinds = [type(t) for t in pipeline.transforms]
+    assert kinds == [v2.ToImage, v2.RandomResizedCrop, v2.RandomApply, v2.ToDtype, v2.Normalize]
+    out = pipeline(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"blur": {"_target_": "GausianBlur", "kernel_size": 3}},
+         r"augment.train.blur._target_: torchvision.transforms.v2 has no 'GausianBlur'; close names: GaussianBlur"),
+        ({"crop": {"_target_": "RandomResizedCrop", "sise": 3}},
+         r"augment.train.crop: RandomResizedCrop\(size.*rejects \{'sise': 3\}"),
+        ({"jitter": {"brightness": 0.2}}, r"augment.train.jitter: expected \{_target_: TransformName"),
+        ("RandomCrop", "must be a mapping of steps or a list"),
+    ],
+)
+def test_pipeline_errors_name_the_step(spec, message):
+    with pytest.raises(UserError, match=message):
+        build_pipeline(spec, MEAN, STD, "augment.train")

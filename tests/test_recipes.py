@@ -1,0 +1,66 @@
+"""The README's promises: the default command, the debug modes, determinism, the notebook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, compose_train, metrics, train
+from lightning_project.train import train as train_function
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["trainer.enable_progress_bar=false", "logger=csv", "model.pretrained=false"]
+
+
+def test_default_command_reaches_the_documented_accuracy(tmp_path, env):
+    """`make train` = `python -m lightning_project.train`: digits, ResNet-18, offline, >= 0.97 test accuracy."""
+    run = tmp_path / "run"
+    train(run, "trainer.enable_progress_bar=false", env=env, fast=False)
+    report = metrics(run)
+    assert report["metrics"]["test/acc"] >= 0.97, report["metrics"]
+    assert report["pretrained"]["requested"] == "auto"
+    assert report["epochs"] == 8
+
+
+def test_fast_dev_run_tests_the_current_weights(tmp_path):
+    cfg = compose_train(["debug=fdr", *QUIET], tmp_path)
+    train_function(cfg)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["best_checkpoint"] is None and report["global_step"] == 1
+    assert "test/acc" in report["metrics"]
+
+
+def test_limit_debug_mode_runs_two_short_epochs_with_checkpoints(tmp_path):
+    train_function(compose_train(["debug=limit", *QUIET], tmp_path))
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["epochs"] == 2 and report["global_step"] == 10
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_overfit_one_batch_drives_the_loss_to_zero(tmp_path):
+    train_function(compose_train(["debug=overfit", "trainer.max_epochs=15", *QUIET], tmp_path))
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert history[0]["train/loss"] > 1.0 and history[-1]["train/loss"] < 0.05
+    assert history[-1]["train/acc"] == 1.0
+
+
+def test_deterministic_runs_repeat_exactly(tmp_path, env):
+    recipe = ["trainer.deterministic=true", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "data.batch_size=16",
+              "augment=basic"]
+    for name in ("a", "b"):
+        train(tmp_path / name, *recipe, env=env)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, env):
+    notebook = json.loads((ROOT / "notebooks" / "finetune_and_reload.ipynb").read_text())
+    code = "\n\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy: trainer" in proc.stdout
