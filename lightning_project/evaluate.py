@@ -30,7 +30,9 @@ def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None):
     target = checkpoint[CHECKPOINT_KEY].get("datamodule_target")
     if data_cfg is None:
         if not target or not stored:
-            raise UserError("the checkpoint does not record its data module; pass data=... (e.g. data=imagefolder data.root=DIR)")
+            raise UserError(
+                "the checkpoint does not record its data module; pass data=... (e.g. data=imagefolder data.root=DIR)"
+            )
         return create_datamodule(target, **stored)
     kwargs = plain(data_cfg)
     target = kwargs.pop("_target_")

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor
 from rich.console import Console
 from rich.table import Table
 
 from lightning_project.callbacks import EpochHistory
 from lightning_project.data import ImageDataModule, create_datamodule
 from lightning_project.errors import UserError
-from lightning_project.models import ClassifierModule
-from lightning_project.models.classifier import check_resumable
+from lightning_project.models import ClassifierModule, check_resumable
 from lightning_project.models.backbones import normalization
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils

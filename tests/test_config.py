@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF, compose_train
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_train
 from lightning_project.data.transforms import build_pipeline
 from lightning_project.models import ClassifierModule
 from lightning_project.optim import SCHEDULERS

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from torchvision.transforms import v2
 
-from conftest import make_image_folder
 from lightning_project.data import DigitsDataModule, ImageFolderDataModule, create_datamodule
 from lightning_project.data.splits import stratified_split
 from lightning_project.data.transforms import build_pipeline
@@ -135,3 +135,11 @@ def test_pipeline_steps_in_order_with_nulls_skipped_and_nested_specs():
 def test_pipeline_errors_name_the_step(spec, message):
     with pytest.raises(UserError, match=message):
         build_pipeline(spec, MEAN, STD, "augment.train")
+
+
+def test_cifar10_offline_names_the_file_to_place(tmp_path):
+    from lightning_project.data import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, eval_transforms=EVAL, num_workers=0)
+    with pytest.raises(UserError, match=r"data=cifar10: CIFAR-10 is not under .* place cifar-10-python.tar.gz"):
+        dm.prepare()

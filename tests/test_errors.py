@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import compose_train, error_line, make_image_folder, run_command, train
+
 from lightning_project.train import train as train_function
 from lightning_project.utils.runtime import user_errors
 

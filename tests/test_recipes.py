@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, compose_train, metrics, train
+
 from lightning_project.train import train as train_function
 
 pytestmark = pytest.mark.slow
@@ -64,3 +64,24 @@ def test_notebook_runs_top_to_bottom(tmp_path, env):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy: trainer" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, frozen",
+    [
+        (["model=torchvision", "model.name=mobilenet_v3_small", "optim=sgd_groups"], False),
+        (["finetune=feature_extractor", "optim=adam", "scheduler=cosine", "scheduler.warmup_epochs=0.5",
+          "model.head_dropout=0.2"], True),
+    ],
+    ids=["any-torchvision-model", "feature-extractor-adam"],
+)
+def test_other_models_and_strategies_train(tmp_path, overrides, frozen):
+    cfg = compose_train([*overrides, *QUIET, "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=16"], tmp_path)
+    train_function(cfg)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["global_step"] == 3 and "test/acc" in report["metrics"]
+    assert (report["frozen_parameters"] > 0) is frozen
+    if not frozen:  # the @body/@neck/@head aliases found mobilenet's parts
+        assert [g["group"] for g in report["param_groups"]] == ["body", "neck", "head"]
+        assert report["param_groups"][2]["patterns"] == "@head"

@@ -6,8 +6,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import CONF, compose_train
+
 from lightning_project.train import train
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import error_line, make_image_folder, metrics, run_command, train
+
 from lightning_project.models.backbones import build_network
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_resume_from_last_checkpoint(env, tmp_path):
     "change, message",
     [
         ("trainer.max_epochs=3", "the checkpoint's onecycle schedule spans 8 steps, this run 12"),
-        ("optim.lr=0.1", "trained with optim.lr=0.05, this run has 0.1"),
+        ("optim.lr=0.1", "trained with optim.lr=0.02, this run has 0.1"),
         ("model.name=resnet34", "trained with model_name='resnet18', this run has 'resnet34'"),
     ],
 )

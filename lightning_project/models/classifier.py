@@ -8,7 +8,6 @@ weights, the class names, the input size and the normalisation).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -72,6 +71,8 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"loss.label_smoothing={label_smoothing}: must be in [0, 1)")
         class_names = list(class_names or [str(i) for i in range(num_classes)])
         if mean is None or std is None:
             mean, std = backbones.normalization(model_name, weights)
@@ -130,7 +131,7 @@ class ClassifierModule(pl.LightningModule):
     def frozen_parameter_count(self) -> int:
         return sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
 
-    def train(self, mode: bool = True) -> "ClassifierModule":
+    def train(self, mode: bool = True) -> ClassifierModule:
         # model.train() puts every submodule back in train mode, including BatchNorm inside frozen
         # parts, whose running statistics would then drift; keep those in eval mode.
         super().train(mode)
@@ -165,19 +166,19 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, self.train_metrics)
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self._log_metrics(self.train_metrics)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, _ = self._step(batch, self.val_metrics)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self._log_metrics(self.val_metrics, progress_bar="val/acc")
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits = self._step(batch, self.test_metrics)
         self.test_confusion.update(logits.argmax(dim=1), batch[1])
-        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self._log_metrics(self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
@@ -246,51 +247,3 @@ class ClassifierModule(pl.LightningModule):
         extra = checkpoint.get(CHECKPOINT_KEY, {})
         if "pretrained_used" in extra:
             self.weights_source = backbones.WeightsSource(extra["pretrained_used"], extra["weights_source"])
-
-
-RECIPE_KEYS = ("model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size")
-
-
-def _flat(value, prefix: str) -> dict:
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
-    return {prefix: value}
-
-
-def check_resumable(path: str | Path, module: ClassifierModule) -> None:
-    """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
-    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path}: no such file")
-    try:  # memory-mapped: the tensors are not read
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception as e:
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
-    before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
-    now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
-    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise UserError(
-            f"ckpt_path={path}: trained with {k}={before.get(k)!r}, this run has {now.get(k)!r}"
-            f"{f' (and {len(diff) - 1} more differences)' if len(diff) > 1 else ''}; resume with the same "
-            "configuration, or start afresh from its weights with model.weights_path=<checkpoint>"
-        )
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ClassifierModule, dict]:
-    """The module in eval mode and the raw checkpoint (read once, tensors and plain types only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
-    module = ClassifierModule(**{**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None})
-    module.load_state_dict(checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    return module.eval(), checkpoint

@@ -175,9 +175,10 @@ def plan_groups(
 ) -> tuple[list[ParamGroup], list[str]]:
     """Parameter groups from specs `{name, patterns, lr | lr_scale, **optimizer options}`.
 
-    `lr` is absolute, `lr_scale` multiplies `base_lr` (default 1); patterns may use `aliases`. Parameters matched by no group
-    go to a `default` group at `base_lr` (rest='default') or are frozen (rest='freeze', returned
-    as the second value). A parameter claimed by two groups is an error.
+    `lr` is absolute, `lr_scale` multiplies `base_lr` (default 1); patterns may use the `alias`
+    names (@body, @neck, @head). Parameters matched by no group go to a `default` group at
+    `base_lr` (rest='default') or are frozen (rest='freeze', returned as the second value). A
+    parameter claimed by two groups is an error.
     """
     if rest not in ("default", "freeze"):
         raise UserError(f"optim.rest={rest!r}: choose default (own group at optim.lr) or freeze")

@@ -59,7 +59,11 @@ def build_scheduler(
     where = f"scheduler={name}"
     if name not in SCHEDULERS:
         raise UserError(f"scheduler.name={name!r}: choose one of {', '.join(SCHEDULERS)}")
-    own = {"warmup_epochs": name in WARMUP_SHAPES, "min_lr_ratio": name in ("cosine", "linear"), "monitor": name == "plateau"}
+    own = {
+        "warmup_epochs": name in WARMUP_SHAPES,
+        "min_lr_ratio": name in ("cosine", "linear"),
+        "monitor": name == "plateau",
+    }
     for key, used in own.items():
         if key in options and not used:
             raise UserError(f"scheduler.{key}: scheduler={name} does not use it; remove it or pick another scheduler")
@@ -67,7 +71,9 @@ def build_scheduler(
     min_lr_ratio = float(options.pop("min_lr_ratio", 0.0))
     monitor = options.pop("monitor", "val/loss")
     if total_steps < 1 or total_steps == math.inf:
-        raise UserError(f"{where}: needs a finite number of training steps; set trainer.max_epochs or trainer.max_steps")
+        raise UserError(
+            f"{where}: needs a finite number of training steps; set trainer.max_epochs or trainer.max_steps"
+        )
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup_epochs < 0 or (warmup >= total_steps and name in WARMUP_SHAPES and name != "constant"):
         raise UserError(

@@ -1,0 +1,61 @@
+"""Reading our checkpoints: for evaluation (module + raw dict) and before resuming (same recipe?)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_project.errors import UserError
+from lightning_project.models.classifier import CHECKPOINT_KEY, ClassifierModule
+
+# what must match for a resumed run to be the same run
+RECIPE_KEYS = (
+    "model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size",
+)
+
+
+def _flat(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def check_resumable(path: str | Path, module: ClassifierModule) -> None:
+    """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
+    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such file")
+    try:  # memory-mapped: the tensors are not read
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception as e:
+        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
+    before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
+    now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"ckpt_path={path}: trained with {k}={before.get(k)!r}, this run has {now.get(k)!r}"
+            f"{f' (and {len(diff) - 1} more differences)' if len(diff) > 1 else ''}; resume with the same "
+            "configuration, or start afresh from its weights with model.weights_path=<checkpoint>"
+        )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ClassifierModule, dict]:
+    """The module in eval mode and the raw checkpoint (read once, tensors and plain types only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    module = ClassifierModule(**{**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None})
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module.eval(), checkpoint
