@@ -109,9 +109,13 @@ def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise UserError(f"trainer: {cause}".splitlines()[0]) from None
+    except Exception as e:  # Lightning's own checks of accelerator, devices, precision, ...
+        cause = str(e.__cause__ or e).strip().splitlines()[0]
+        t = cfg.trainer
+        raise UserError(
+            f"trainer (accelerator={t.get('accelerator')}, devices={t.get('devices')}, "
+            f"precision={t.get('precision')}): {cause}; fix trainer.* (trainer=cpu runs anywhere)"
+        ) from None
 
 
 def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> float | None:

@@ -83,11 +83,12 @@ def test_evaluate_with_a_missing_or_foreign_checkpoint(tmp_path, env):
         (["data.batch_size=0"], r"data.batch_size=0: must be a positive integer"),
         (["data.num_classes=5"], r"data.num_classes=5 but the data holds 10 classes"),
         (["matmul_precision=fast"], r"matmul_precision='fast': choose highest, high \(TF32\) or medium"),
+        (["trainer.precision=fp33"], r"trainer \(accelerator=auto, devices=1, precision=fp33\): .*fp33.*; fix trainer"),
         (["model.weights=IMAGENET9K"], r"model.weights='IMAGENET9K' is not a weight set of resnet18; choose one of IMAGENET1K_V1"),
     ],
     ids=["pretrained-offline", "transform-name", "transform-argument", "scheduler-name", "milestones",
          "negative-lr", "optimizer-name", "optimizer-option", "group-option", "strategy", "train-stages",
-         "fractions", "batch-size", "num-classes", "matmul", "weight-set"],
+         "fractions", "batch-size", "num-classes", "matmul", "precision", "weight-set"],
 )
 def test_bad_configuration_is_reported_before_training(tmp_path, capsys, overrides, expected):
     """The same entry function as the command (in-process: the import cost is paid once)."""
