@@ -139,8 +139,6 @@ def train(cfg: DictConfig) -> float | None:
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
-    if datamodule.counts["test"] == datamodule.counts["val"] and cfg.data.get("test_fraction", 0) == 0:
-        log.warning("no test split: the test metrics are measured on the validation split")
     module = build_module(cfg, datamodule, mean, std)
     if cfg.get("ckpt_path"):
         check_resumable(cfg.ckpt_path, module)
@@ -151,7 +149,6 @@ def train(cfg: DictConfig) -> float | None:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - fit_start
-    epochs = list(history.epochs)  # testing a checkpoint restores the callbacks' state of that epoch
     if trainer.interrupted:
         raise UserError("training was interrupted; resume it with ckpt_path=<run dir>/checkpoints/last.ckpt")
 
@@ -161,6 +158,7 @@ def train(cfg: DictConfig) -> float | None:
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best) if cfg.get("test", True) else [{}]
     test_seconds = time.perf_counter() - test_start
 
+    epochs = history.epochs
     metrics = {k: float(v) for k, v in (epochs[-1] if epochs else {}).items() if k != "epoch"}
     metrics.update({k: float(v) for k, v in results[0].items()})
     value = _optimized_value(cfg, trainer, metrics)

@@ -58,6 +58,22 @@ def test_deterministic_runs_repeat_exactly(tmp_path, env):
     assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_swaps_the_pooling_that_has_no_deterministic_cuda_kernel(tmp_path, deterministic):
+    from torch import nn
+
+    from lightning_project.models.backbones import normalization
+    from lightning_project.models.layers import DeterministicAdaptiveAvgPool2d
+    from lightning_project.train import build_datamodule, build_module
+
+    cfg = compose_train(["model=vgg16", f"trainer.deterministic={str(deterministic).lower()}", *QUIET], tmp_path)
+    mean, std = normalization(cfg.model.name)
+    module = build_module(cfg, build_datamodule(cfg, mean, std), mean, std)
+    kinds = {type(m) for m in module.net.modules()}
+    assert (DeterministicAdaptiveAvgPool2d in kinds) is deterministic
+    assert (nn.AdaptiveAvgPool2d in kinds) is not deterministic
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, env):
     notebook = json.loads((ROOT / "notebooks" / "finetune_and_reload.ipynb").read_text())
     code = "\n\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")

@@ -175,7 +175,7 @@ def test_vgg16_frozen_parameters_are_bit_identical_and_the_rest_trained(vgg_run)
     assert report["classes"] == ["ant", "bee", "cow"]
 
 
-def test_vgg16_group_table_is_printed_before_training(vgg_run):
+def test_vgg16_group_table_is_printed(vgg_run):
     out = vgg_run[2].stdout
     table = out[out.index("parameter groups (VGG, head: classifier.6)"):]
     for row in (r"body .*features .*22/26 .*14,675,968 .*38,720 .*0.0001",

@@ -25,4 +25,7 @@ class EpochHistory(pl.Callback):
         return {"epochs": self.epochs}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.epochs = list(state_dict.get("epochs", []))
+        # Resuming fills an empty record; testing a checkpoint after fit (trainer.test(ckpt_path=
+        # "best")) restores callback states too, and must not roll back the epochs recorded since.
+        if not self.epochs:
+            self.epochs = list(state_dict.get("epochs", []))

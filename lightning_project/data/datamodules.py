@@ -8,6 +8,7 @@ rebuilds the same data module, splits included.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from lightning_project.errors import UserError
 from lightning_project.utils.imports import resolve
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 def resolve_workers(num_workers: int | str) -> int:
@@ -102,10 +104,11 @@ class ImageDataModule(pl.LightningDataModule):
                     f"data.num_classes={expected} but the data holds {len(classes)} classes "
                     f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); set data.num_classes=null"
                 )
-            if len(items.get("val", ((), []))[1]) == 0:
+            if "val" not in items or len(items["val"][1]) == 0:
                 raise UserError("the validation split is empty: set data.val_fraction > 0 or add a val/ folder")
-            if len(items.get("test", ((), []))[1]) == 0:
-                items["test"] = items["val"]  # no test images: test on validation (optimistic, said in the log)
+            if "test" not in items or len(items["test"][1]) == 0:
+                log.warning("no test images (data.test_fraction=0, no test/ folder): testing on the validation split")
+                items["test"] = items["val"]
             self._items, self.classes = items, classes
             self.counts = {s: int(len(labels)) for s, (_, labels) in items.items()}
         return self.classes

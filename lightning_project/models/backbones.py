@@ -100,8 +100,7 @@ class WeightsSource:
     source: str  # weights enum name, file path, or 'random'
 
 
-def _fetch_imagenet(name: str, weights: str, download: bool, timeout: float) -> dict:
-    enum = weights_enum(name, weights)
+def _fetch_imagenet(enum: WeightsEnum, download: bool, timeout: float) -> dict:
     file = cached_weights_file(enum)
     if not file.exists() and not download:
         raise FileNotFoundError(f"{file} does not exist and model.download=false")
@@ -139,7 +138,7 @@ def load_pretrained(
         return WeightsSource(False, "random")
     enum = weights_enum(name, weights)
     try:
-        state = _fetch_imagenet(name, weights, download, timeout)
+        state = _fetch_imagenet(enum, download, timeout)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         file = cached_weights_file(enum)
         if mode == "true":

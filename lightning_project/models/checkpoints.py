@@ -21,16 +21,25 @@ def _flat(value, prefix: str) -> dict:
     return {prefix: value}
 
 
-def check_resumable(path: str | Path, module: ClassifierModule) -> None:
-    """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
-    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
+def _read(path: str | Path, **load_options) -> dict:
+    """A checkpoint of ours as a dict (tensors and plain values only), or one clear error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ckpt_path={path}: no such file")
-    try:  # memory-mapped: the tensors are not read
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    try:
+        checkpoint = torch.load(path, weights_only=True, **load_options)
     except Exception as e:
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    return checkpoint
+
+
+def check_resumable(path: str | Path, module: ClassifierModule) -> None:
+    """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
+    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
+    saved = _read(path, map_location="cpu", mmap=True)["hyper_parameters"]  # memory-mapped: tensors unread
     before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
     now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
     diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
@@ -44,17 +53,8 @@ def check_resumable(path: str | Path, module: ClassifierModule) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ClassifierModule, dict]:
-    """The module in eval mode and the raw checkpoint (read once, tensors and plain types only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    """The module in eval mode and the raw checkpoint (read once)."""
+    checkpoint = _read(path, map_location=map_location)
     module = ClassifierModule(**{**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None})
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)

@@ -103,6 +103,7 @@ class ClassifierModule(pl.LightningModule):
 
     # ---- fine-tuning plan -------------------------------------------------------------------
     def _plan(self, ft: dict, optim: dict) -> list[finetune.ParamGroup]:
+        alias = finetune.aliases(self.net, self.head)
         trainable = finetune.plan_trainable(
             self.net,
             self.head,
@@ -110,13 +111,14 @@ class ClassifierModule(pl.LightningModule):
             train_stages=int(ft.get("train_stages", 1)),
             freeze=ft.get("freeze") or (),
             unfreeze=ft.get("unfreeze") or (),
+            alias=alias,
         )
         groups, ungrouped = finetune.plan_groups(
             self.net,
             optim.get("groups") or [],
             float(optim.get("lr", 1e-3)),
             optim.get("rest", "default"),
-            finetune.aliases(self.net, self.head),
+            alias,
         )
         trainable -= set(ungrouped)
         for name, p in self.net.named_parameters():

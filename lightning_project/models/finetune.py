@@ -118,6 +118,7 @@ def plan_trainable(
     train_stages: int = 1,
     freeze: Iterable[str] = (),
     unfreeze: Iterable[str] = (),
+    alias: dict[str, list[str]] | None = None,
 ) -> set[str]:
     """Names of the parameters that train.
 
@@ -126,7 +127,7 @@ def plan_trainable(
     `unfreeze` patterns made trainable again.
     """
     names = [n for n, _ in net.named_parameters()]
-    alias = aliases(net, head)
+    alias = alias if alias is not None else aliases(net, head)
     if strategy == "full":
         trainable = set(names)
     elif strategy == "feature_extractor":
