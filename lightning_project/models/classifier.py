@@ -89,6 +89,9 @@ class ClassifierModule(pl.LightningModule):
         self.test_metrics = _metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion: torch.Tensor | None = None  # filled at the end of `test`
+        # True while batches hold cached backbone features instead of images (frozen backbone):
+        # only the head runs. Set by the feature cache around `fit`, never saved.
+        self.feature_input = False
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, weights_only=True, **kwargs):
@@ -130,6 +133,11 @@ class ClassifierModule(pl.LightningModule):
     def group_table(self) -> list[dict]:
         return finetune.group_table(self.groups, self.net, self._optimizer_options())
 
+    def backbone_frozen_throughout(self) -> bool:
+        """True when no parameter outside the head trains at any epoch (what the feature cache needs)."""
+        head = set(self.head_module.parameters())
+        return not any(p.requires_grad for p in self.net.parameters() if p not in head)
+
     def frozen_parameter_count(self) -> int:
         return sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
 
@@ -149,7 +157,14 @@ class ClassifierModule(pl.LightningModule):
         self.train()
 
     # ---- steps -------------------------------------------------------------------------------
+    @property
+    def head_module(self) -> nn.Module:
+        """The new classification head (its input is what a frozen backbone's features are)."""
+        return self.net.get_submodule(self.head)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_input:
+            return self.head_module(x)
         out = self.net(x)
         return out if isinstance(out, torch.Tensor) else out.logits  # Inception/GoogLeNet in train mode
 
@@ -172,10 +187,11 @@ class ClassifierModule(pl.LightningModule):
         self._log_metrics(self.train_metrics)
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        loss, _ = self._step(batch, self.val_metrics)
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, logits = self._step(batch, self.val_metrics)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self._log_metrics(self.val_metrics, progress_bar="val/acc")
+        return logits.argmax(dim=1)  # predicted classes, for callbacks (on_validation_batch_end's outputs)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits = self._step(batch, self.test_metrics)
