@@ -78,7 +78,7 @@ def test_evaluate_with_a_missing_or_foreign_checkpoint(tmp_path, env):
         (["optim=adam", "+optim.momentum=0.9"], r"optim: Adam rejects the options .*momentum"),
         (["optim.groups=[{name:head,patterns:[fc],weight_decy:0.1}]"], r"optim.groups.head: SGD has no option weight_decy"),
         (["finetune.strategy=everything"], r"finetune.strategy='everything': choose one of full, feature_extractor, partial"),
-        (["finetune=partial", "finetune.train_stages=7"], r"finetune.train_stages=7: ResNet has 6 blocks"),
+        (["finetune=partial", "finetune.train_stages=7"], r"finetune.train_stages=7: ResNet has 5 blocks"),
         (["data.val_fraction=0.9"], r"data.val_fraction \+ data.test_fraction = 1.05: leaves no training images"),
         (["data.batch_size=0"], r"data.batch_size=0: must be a positive integer"),
         (["data.num_classes=5"], r"data.num_classes=5 but the data holds 10 classes"),

@@ -57,11 +57,18 @@ def test_invalid_regex_is_an_error(vgg):
 
 def test_stages_of_vgg_and_resnet(vgg, resnet):
     assert stages(*vgg) == [
-        ("features", ["features"]),
+        ("features.0-4", ["features.0", "features.2"]),
+        ("features.5-9", ["features.5", "features.7"]),
+        ("features.10-16", ["features.10", "features.12", "features.14"]),
+        ("features.17-23", ["features.17", "features.19", "features.21"]),
+        ("features.24-30", ["features.24", "features.26", "features.28"]),
         ("classifier", ["classifier.0", "classifier.3"]),
         ("head", ["classifier.6"]),
     ]
-    assert [s for s, _ in stages(*resnet)] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert stages(*resnet) == [
+        ("conv1+bn1", ["conv1", "bn1"]), ("layer1", ["layer1"]), ("layer2", ["layer2"]), ("layer3", ["layer3"]),
+        ("layer4", ["layer4"]), ("head", ["fc"]),
+    ]
     assert aliases(*resnet) == {
         "@head": ["fc"], "@neck": ["layer4"], "@body": ["conv1", "bn1", "layer1", "layer2", "layer3"],
     }
@@ -82,7 +89,7 @@ def test_strategies(vgg, resnet):
 
 
 def test_partial_with_too_many_stages_names_the_blocks(resnet):
-    with pytest.raises(UserError, match=r"finetune.train_stages=9: .* 6 blocks .*layer4"):
+    with pytest.raises(UserError, match=r"finetune.train_stages=9: .* 5 blocks .*layer4"):
         plan_trainable(*resnet, "partial", train_stages=9)
 
 
@@ -166,10 +173,11 @@ def test_group_table_counts_trainable_and_frozen():
                "groups": [{"name": "head", "patterns": ["@head"], "lr_scale": 1.0}]},
     )
     rows = {r["group"]: r for r in module.group_table()}
-    assert rows["head"]["tensors"] == "2/2" and rows["head"]["trainable"] == 512 * 3 + 3
+    assert rows["head"]["tensors"] == "1/1" and rows["head"]["trainable"] == 512 * 3
+    assert rows["head:no_decay"]["trainable"] == 3 and rows["head:no_decay"]["weight_decay"] == 0
     assert rows["default"]["trainable"] == 0 and rows["default"]["lr"] == 0.1
     assert rows["default"]["weight_decay"] == 1e-4
-    assert module.frozen_parameter_count() == rows["default"]["frozen"]
+    assert module.frozen_parameter_count() == rows["default"]["frozen"] + rows["default:no_decay"]["frozen"]
 
 
 def test_nothing_trainable_is_an_error():

@@ -7,11 +7,13 @@ weights, the class names, the input size and the normalisation).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -27,6 +29,7 @@ from lightning_project.models import backbones, finetune
 from lightning_project.optim import build_optimizer, build_scheduler
 from lightning_project.optim.schedulers import WarmupSchedule
 
+log = logging.getLogger("lightning_project")
 CHECKPOINT_KEY = "lightning_project"  # our extra entry in Lightning checkpoints
 
 
@@ -106,37 +109,63 @@ class ClassifierModule(pl.LightningModule):
 
     # ---- fine-tuning plan -------------------------------------------------------------------
     def _plan(self, ft: dict, optim: dict) -> list[finetune.ParamGroup]:
+        """Parameter groups, and which parameters train at which epoch (`trainable_at`)."""
         alias = finetune.aliases(self.net, self.head)
-        trainable = finetune.plan_trainable(
+        strategy = ft.get("strategy", "full")
+        initial = finetune.plan_trainable(
             self.net,
             self.head,
-            strategy=ft.get("strategy", "full"),
+            strategy=strategy,
             train_stages=int(ft.get("train_stages", 1)),
             freeze=ft.get("freeze") or (),
             unfreeze=ft.get("unfreeze") or (),
             alias=alias,
         )
+        base_lr = float(optim.get("lr", 1e-3))
         groups, ungrouped = finetune.plan_groups(
-            self.net,
-            optim.get("groups") or [],
-            float(optim.get("lr", 1e-3)),
-            optim.get("rest", "default"),
-            alias,
+            self.net, optim.get("groups") or [], base_lr, optim.get("rest", "default"), alias
         )
-        trainable -= set(ungrouped)
+        names = [n for n, _ in self.net.named_parameters()]
+        never = set(ungrouped) | set(finetune.select(names, ft.get("freeze") or (), "finetune.freeze", alias))
+        self.initial_trainable = initial - set(ungrouped)
+        self.unfreeze_plan: list[tuple[int, list[str], list[str]]] = []  # (epoch, blocks, parameter names)
+        if strategy == "gradual":
+            for epoch, blocks, paths in finetune.unfreeze_schedule(self.net, self.head, ft.get("milestones") or []):
+                members = [n for n in finetune.select(names, paths, "finetune.milestones") if n not in never]
+                self.unfreeze_plan.append((epoch, blocks, members))
+        elif ft.get("milestones"):
+            raise UserError(f"finetune.milestones: only finetune.strategy=gradual uses them (strategy={strategy})")
+        if ft.get("lr_decay") is not None:
+            groups = finetune.split_by_stage(groups, self.net, self.head, float(ft["lr_decay"]))
+        if optim.get("no_decay_norm_bias", True):
+            groups = finetune.split_no_decay(groups, self.net, float(optim.get("weight_decay", 0.0)))
+        if not self.trainable_at(10**9):
+            raise UserError("finetune/optim: no parameter is left trainable; check finetune.* and optim.rest")
+        self.set_trainable(0)
+        return groups
+
+    def trainable_at(self, epoch: int) -> set[str]:
+        """Names of the parameters that train during `epoch` (gradual unfreezing adds blocks)."""
+        out = set(self.initial_trainable)
+        for milestone, _, members in self.unfreeze_plan:
+            if epoch >= milestone:
+                out.update(members)
+        return out
+
+    def set_trainable(self, epoch: int) -> list[str]:
+        """Flip requires_grad for `epoch` (a function of the epoch only, so a resumed run gets the
+        same frozen set); returns the blocks unfrozen by a milestone at exactly this epoch."""
+        trainable = self.trainable_at(epoch)
         for name, p in self.net.named_parameters():
             p.requires_grad_(name in trainable)
-        if not trainable:
-            raise UserError("finetune/optim: no parameter is left trainable; check finetune.* and optim.rest")
-        return groups
+        return [b for milestone, blocks, _ in self.unfreeze_plan if milestone == epoch for b in blocks]
 
     def group_table(self) -> list[dict]:
         return finetune.group_table(self.groups, self.net, self._optimizer_options())
 
     def backbone_frozen_throughout(self) -> bool:
         """True when no parameter outside the head trains at any epoch (what the feature cache needs)."""
-        head = set(self.head_module.parameters())
-        return not any(p.requires_grad for p in self.net.parameters() if p not in head)
+        return all(n == self.head or n.startswith(self.head + ".") for n in self.trainable_at(10**9))
 
     def frozen_parameter_count(self) -> int:
         return sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
@@ -151,10 +180,43 @@ class ClassifierModule(pl.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
+        unfrozen = self.set_trainable(self.current_epoch)
+        if unfrozen:
+            count = sum(p.numel() for n, p in self.net.named_parameters() if p.requires_grad)
+            log.info("epoch %d: unfreezing %s (%s parameters now train)", self.current_epoch, ", ".join(unfrozen),
+                     f"{count:,}")
         # Lightning never calls train() itself: a new module is in train mode throughout, and
         # validation restores the modes it found. Set them here, once trainability is final for
-        # the epoch (callbacks that unfreeze run before this hook).
+        # the epoch, so BatchNorm in blocks that are still frozen keeps its statistics.
         self.train()
+
+    def setup(self, stage: str) -> None:
+        # DDP registers only the parameters that require grad when it wraps the model (after this
+        # hook): gradual unfreezing must show it every parameter that will ever train, and let
+        # it skip those still frozen at each step (find_unused_parameters), or the blocks
+        # unfrozen later would train unsynchronised on each process.
+        if stage != "fit" or not self.unfreeze_plan:
+            return
+        last, max_epochs = self.unfreeze_plan[-1][0], self.trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs <= last:
+            raise UserError(
+                f"finetune.milestones={[m for m, _, _ in self.unfreeze_plan]}: the last milestone (epoch {last}) "
+                f"is never reached with trainer.max_epochs={max_epochs}; train longer or move the milestones earlier"
+            )
+        if self.trainer.world_size <= 1:
+            return
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise UserError(
+                f"finetune.strategy=gradual: trainer.strategy={type(strategy).__name__} is not supported with "
+                "several devices; use trainer.strategy=ddp (trainer=ddp_cpu on CPU)"
+            )
+        if strategy._ddp_kwargs.get("find_unused_parameters") is False:
+            raise UserError("finetune.strategy=gradual under DDP needs find_unused_parameters=True; remove the False")
+        strategy._ddp_kwargs["find_unused_parameters"] = True
+        ever = self.trainable_at(10**9)
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name in ever)  # set back per epoch by on_train_epoch_start
 
     # ---- steps -------------------------------------------------------------------------------
     @property
@@ -210,7 +272,7 @@ class ClassifierModule(pl.LightningModule):
     # ---- optimizer ---------------------------------------------------------------------------
     def _optimizer_options(self) -> dict:
         optim = dict(self.hparams.optim or {})
-        for key in ("_target_", "groups", "rest", "lr"):
+        for key in ("_target_", "groups", "rest", "lr", "no_decay_norm_bias"):
             optim.pop(key, None)
         return optim
 
@@ -261,7 +323,7 @@ class ClassifierModule(pl.LightningModule):
             extra["datamodule_target"] = f"{type(dm).__module__}.{type(dm).__qualname__}"
         checkpoint[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), **extra}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY, {})
         if "pretrained_used" in extra:
             self.weights_source = backbones.WeightsSource(extra["pretrained_used"], extra["weights_source"])

@@ -7,7 +7,9 @@ silent no-op: that is the bug hand-written loops hide (`classifier.0.biase`).
 
 Every parameter group holds its frozen parameters too: the optimizer skips tensors without a
 gradient (no update, no weight decay, no momentum), and unfreezing later only flips
-`requires_grad`, so schedulers never meet a group they did not know about.
+`requires_grad`, so schedulers never meet a group they did not know about. (Lightning's
+BaseFinetuning and fastai add groups as they unfreeze, which OneCycle and ReduceLROnPlateau
+cannot follow.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_project.errors import UserError, close_names
 
 MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
-STRATEGIES = ("full", "feature_extractor", "partial")
+STRATEGIES = ("full", "feature_extractor", "partial", "gradual")
+POOLS = (nn.MaxPool2d, nn.AvgPool2d)  # VGG and AlexNet blocks end at a pooling layer
+NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 GROUP_KEYS = ("name", "patterns", "lr", "lr_scale")  # our keys; any other key is an optimizer option
 
 
@@ -83,32 +87,106 @@ def select(
     return [n for n in names if n in chosen]
 
 
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """A single layer: parameters of its own, no child holding any."""
+    return _has_params(m) and not any(_has_params(c) for c in m.children())
+
+
+def _split_at_pools(name: str, child: nn.Module) -> list[tuple[str, list[str]]]:
+    """A Sequential with pooling layers among its children (VGG's `features`) as one block per
+    pooling stage (`features.0-4`, ..., `features.24-30`); any other module as one block."""
+    subs = list(child.named_children())
+    if not isinstance(child, nn.Sequential) or sum(isinstance(m, POOLS) for _, m in subs) < 2:
+        return [(name, [name])]
+    chunks, current = [], []
+    for sub, m in subs:
+        current.append((sub, m))
+        if isinstance(m, POOLS):
+            chunks.append(current)
+            current = []
+    chunks.append(current)
+    return [
+        (f"{name}.{chunk[0][0]}-{chunk[-1][0]}", [f"{name}.{sub}" for sub, m in chunk if _has_params(m)])
+        for chunk in chunks
+        if any(_has_params(m) for _, m in chunk)
+    ]
+
+
+def _blocks(module: nn.Module, prefix: str, head: str) -> list[tuple[str, list[str]]]:
+    """`module`'s children as blocks, in order: consecutive single layers merged (ResNet's
+    conv1+bn1), pooled Sequentials split (VGG), the child holding the head reduced to its other
+    layers (VGG's classifier.0 and classifier.3), the head itself left out."""
+    out: list[tuple[str, list[str]]] = []
+    layers: list[str] = []
+    for sub, child in module.named_children():
+        path = prefix + sub
+        if not _has_params(child) or path == head:
+            continue
+        if _is_layer(child) and not head.startswith(path + "."):
+            layers.append(path)
+            continue
+        if layers:
+            out.append(("+".join(layers), layers))
+            layers = []
+        if head.startswith(path + "."):
+            rest = [f"{path}.{n}" for n, m in child.named_children() if _has_params(m) and f"{path}.{n}" != head
+                    and not head.startswith(f"{path}.{n}.")]
+            out += [(path, rest)] if rest else []
+        else:
+            out += _split_at_pools(path, child)
+    if layers:
+        out.append(("+".join(layers), layers))
+    return out
+
+
 def stages(net: nn.Module, head: str) -> list[tuple[str, list[str]]]:
     """The network's blocks from input to output as (name, module paths), the new head last.
 
-    Top-level children that hold parameters, in order (ResNet: conv1, bn1, layer1..layer4; VGG:
-    features, classifier); the block that contains the head is split into its other layers
-    (VGG: classifier.0 and classifier.3) and the head itself.
+    The unit of `partial`, `gradual` and `lr_decay`: ResNet: conv1+bn1, layer1..layer4; VGG:
+    features.0-4 .. features.24-30, classifier (its .0 and .3); a network whose top level has
+    fewer than three blocks is cut one level deeper into its largest one (EfficientNet,
+    MobileNet, ConvNeXt, DenseNet: the children of `features`).
     """
-    def has_params(m: nn.Module) -> bool:
-        return any(True for _ in m.parameters())
+    own = [(n, [n]) for n, _ in net.named_parameters(recurse=False)]  # e.g. ViT's class_token
+    body = _blocks(net, "", head)
+    if len(body) < 3:
+        size = {name: sum(p.numel() for path in paths for p in net.get_submodule(path).parameters())
+                for name, paths in body}
+        big = max(body, key=lambda b: size[b[0]], default=None)
+        if big is not None and len(big[1]) == 1:
+            module = net.get_submodule(big[1][0])
+            inner = [(f"{big[1][0]}.{n}", [f"{big[1][0]}.{n}"]) for n, _ in module.named_parameters(recurse=False)]
+            inner += _blocks(module, big[1][0] + ".", head)
+            if len(inner) > 1:
+                i = body.index(big)
+                body = body[:i] + inner + body[i + 1:]
+    return own + body + [("head", [head])]
 
-    out = [(n, [n]) for n, _ in net.named_parameters(recurse=False)]  # e.g. ViT's class_token
-    top = head.split(".")[0]
-    for name, child in net.named_children():
-        if not has_params(child):
-            continue
-        if name != top:
-            out.append((name, [name]))
-            continue
-        rest = [
-            f"{name}.{sub}" for sub, m in child.named_children()
-            if has_params(m) and not head.startswith(f"{name}.{sub}")
-        ]
-        if rest:
-            out.append((name, rest))
-    out.append(("head", [head]))
-    return out
+
+def unfreeze_schedule(net: nn.Module, head: str, milestones: Iterable[int]) -> list[tuple[int, list[str], list[str]]]:
+    """Gradual unfreezing as (epoch, block names, module paths): one more block from the top at
+    each milestone, and everything left at the last one (so training ends fully unfrozen)."""
+    milestones = list(milestones)
+    body = stages(net, head)[:-1][::-1]  # from the head down
+    if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+        raise UserError(
+            f"finetune.milestones={milestones}: give increasing epoch numbers >= 1 (e.g. [2,4,6]); "
+            "the head trains alone before the first"
+        )
+    if len(milestones) > len(body):
+        raise UserError(
+            f"finetune.milestones={milestones}: {type(net).__name__} has {len(body)} blocks below the head "
+            f"({', '.join(s for s, _ in body)}); give at most {len(body)} milestones"
+        )
+    plan = []
+    for i, epoch in enumerate(milestones):
+        chunk = body[i:i + 1] if i < len(milestones) - 1 else body[i:]
+        plan.append((epoch, [s for s, _ in chunk], [p for _, paths in chunk for p in paths]))
+    return plan
 
 
 def plan_trainable(
@@ -122,15 +200,15 @@ def plan_trainable(
 ) -> set[str]:
     """Names of the parameters that train.
 
-    full: everything; feature_extractor: the new head only; partial: the head and the last
-    `train_stages` blocks before it (see `stages`). Then `freeze` patterns are frozen and
-    `unfreeze` patterns made trainable again.
+    full: everything; feature_extractor and gradual (at its start): the new head only; partial:
+    the head and the last `train_stages` blocks before it (see `stages`). Then `freeze` patterns
+    are frozen and `unfreeze` patterns made trainable again.
     """
     names = [n for n, _ in net.named_parameters()]
     alias = alias if alias is not None else aliases(net, head)
     if strategy == "full":
         trainable = set(names)
-    elif strategy == "feature_extractor":
+    elif strategy in ("feature_extractor", "gradual"):
         trainable = set(select(names, [head], "finetune (head)"))
     elif strategy == "partial":
         body = stages(net, head)[:-1]
@@ -236,3 +314,50 @@ def group_table(groups: list[ParamGroup], net: nn.Module, defaults: dict) -> lis
             "weight_decay": g.options.get("weight_decay", defaults.get("weight_decay", 0.0)),
         })
     return rows
+
+
+def split_by_stage(groups: list[ParamGroup], net: nn.Module, head: str, decay: float) -> list[ParamGroup]:
+    """Discriminative learning rates: each group cut into its blocks (see `stages`), the top
+    block at the group's lr and each block below at the lr of the one above times `decay`.
+
+    Without explicit groups the head keeps optim.lr, the last block gets lr*decay and so on down
+    to the stem (ULMFiT's and timm's layer decay); with explicit groups (optim=sgd_groups) the
+    decay refines each group from its own lr.
+    """
+    if not 0 < decay <= 1:
+        raise UserError(f"finetune.lr_decay={decay}: give a factor in (0, 1] (e.g. 0.3), or null for none")
+    names = [n for n, _ in net.named_parameters()]
+    block_of: dict[str, int] = {}
+    blocks = stages(net, head)
+    for index, (_, paths) in enumerate(blocks):
+        for n in select(names, paths, "finetune.lr_decay"):
+            block_of[n] = index
+    out = []
+    for g in groups:
+        present = sorted({block_of[n] for n in g.names}, reverse=True)  # from the top
+        for rank, index in enumerate(present):
+            members = [n for n in g.names if block_of[n] == index]
+            name = g.name if len(present) == 1 else (blocks[index][0] if g.name == "default" else f"{g.name}:{blocks[index][0]}")
+            options = {**g.options, "lr": g.options["lr"] * decay**rank}
+            out.append(ParamGroup(name, g.patterns, members, options))
+    return out
+
+
+def split_no_decay(groups: list[ParamGroup], net: nn.Module, weight_decay: float) -> list[ParamGroup]:
+    """Weight decay off for normalisation weights and biases (a `<group>:no_decay` twin at 0).
+
+    Decaying a BatchNorm scale or a bias towards zero only fights the normalisation (as in timm
+    and the torchvision reference recipes' `norm_weight_decay=0`); groups without decay stay whole.
+    """
+    no_decay = {f"{mod}.{n}" if mod else n for mod, m in net.named_modules()
+                for n, _ in m.named_parameters(recurse=False) if isinstance(m, NORMS) or n == "bias"}
+    out = []
+    for g in groups:
+        if float(g.options.get("weight_decay", weight_decay)) == 0:
+            out.append(g)
+            continue
+        keep = [n for n in g.names if n not in no_decay]
+        skip = [n for n in g.names if n in no_decay]
+        out += [ParamGroup(g.name, g.patterns, keep, g.options)] if keep else []
+        out += [ParamGroup(f"{g.name}:no_decay", g.patterns, skip, {**g.options, "weight_decay": 0.0})] if skip else []
+    return out
