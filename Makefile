@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 ## the quick part only (unit tests, no end-to-end runs)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+## benchmarks, ratios measured in one process; figures go to benchmarks/RESULTS.md and benchmarks/results/
+## (frozen-backbone feature cache: ResNet-18, 64 px, CPU); other options: make bench ARGS="--image-size 32 --device cuda"
+bench: $(STAMP)
+	$(PY) benchmarks/feature_cache.py $(ARGS)
 
 clean:
 	rm -rf logs .pytest_cache

@@ -16,11 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
 from lightning_project.callbacks import EpochHistory
 from lightning_project.data import ImageDataModule, create_datamodule
+from lightning_project.data.feature_cache import FeatureCache
 from lightning_project.errors import UserError
 from lightning_project.models import ClassifierModule, check_resumable
 from lightning_project.models.backbones import normalization
@@ -118,6 +120,16 @@ def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
         ) from None
 
 
+def _last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest checkpoint written (callbacks.last_checkpoint, or a save_last=true callback)."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None and callback.best_model_path:
+            return callback.best_model_path
+        if callback.save_last and callback.last_model_path:
+            return callback.last_model_path
+    return None
+
+
 def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> float | None:
     name = cfg.optimized_metric
     ckpt = trainer.checkpoint_callback
@@ -133,8 +145,12 @@ def train(cfg: DictConfig) -> float | None:
     if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
         console = Console(width=160)
     runtime.setup(cfg.seed, cfg.matmul_precision)
-    config_utils.print_tree(cfg, console)
-    config_utils.save(cfg, out / ".hydra" / "config.yaml")
+    # Under DDP Lightning reruns this command once per extra process (same run directory): only
+    # rank 0 prints and writes; every rank builds the same data, model and trainer.
+    main_process = rank_zero_only.rank == 0
+    if main_process:
+        config_utils.print_tree(cfg, console)
+        config_utils.save(cfg, out / ".hydra" / "config.yaml")
 
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
@@ -142,12 +158,16 @@ def train(cfg: DictConfig) -> float | None:
     module = build_module(cfg, datamodule, mean, std)
     if cfg.get("ckpt_path"):
         check_resumable(cfg.ckpt_path, module)
-    print_groups(module, console)
+    if main_process:
+        print_groups(module, console)
     history = EpochHistory()
     trainer = build_trainer(cfg, history)
 
+    # frozen backbone + deterministic transforms: the head trains on features computed once (in fit_seconds)
+    cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"), out / "feature_cache")
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with cache.serving(module, datamodule):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - fit_start
     if trainer.interrupted:
         raise UserError("training was interrupted; resume it with ckpt_path=<run dir>/checkpoints/last.ckpt")
@@ -167,7 +187,7 @@ def train(cfg: DictConfig) -> float | None:
         "metrics": metrics,
         "best_checkpoint": best,
         "best_score": float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None,
-        "last_checkpoint": str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.save_last else None,
+        "last_checkpoint": _last_checkpoint(trainer),
         "pretrained": {
             "requested": str(cfg.model.pretrained),
             "used": module.weights_source.used,
@@ -176,6 +196,7 @@ def train(cfg: DictConfig) -> float | None:
         "model": cfg.model.name,
         "param_groups": module.group_table(),
         "frozen_parameters": module.frozen_parameter_count(),
+        "feature_cache": cache.report(),
         "classes": datamodule.classes,
         "split_sizes": datamodule.counts,
         "epochs": trainer.current_epoch,
@@ -187,6 +208,8 @@ def train(cfg: DictConfig) -> float | None:
         },
         "history": epochs,
     }
+    if not trainer.is_global_zero:
+        return value
     summary.write_json(out / "metrics.json", report)
     if epochs:
         summary.plot_curves(epochs, out / "curves.png")

@@ -3,4 +3,4 @@
 from lightning_project.models.checkpoints import check_resumable, load_checkpoint
 from lightning_project.models.classifier import ClassifierModule
 
-__all__ = ["ClassifierModule", "load_checkpoint", "check_resumable"]
+__all__ = ["ClassifierModule", "check_resumable", "load_checkpoint"]

@@ -13,6 +13,7 @@ from lightning_project.models.classifier import CHECKPOINT_KEY, ClassifierModule
 RECIPE_KEYS = (
     "model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size",
 )
+SPEED_ONLY = ("finetune.feature_cache",)  # settings that change how fast a run goes, never what it computes
 
 
 def _flat(value, prefix: str) -> dict:
@@ -42,7 +43,7 @@ def check_resumable(path: str | Path, module: ClassifierModule) -> None:
     saved = _read(path, map_location="cpu", mmap=True)["hyper_parameters"]  # memory-mapped: tensors unread
     before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
     now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
-    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in SPEED_ONLY]
     if diff:
         k = diff[0]
         raise UserError(
