@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
@@ -100,7 +101,11 @@ def _instantiate_all(section: DictConfig | None, what: str) -> list:
             continue
         if "_target_" not in node:
             raise UserError(f"{what}.{name}: needs a _target_ (the class to create)")
-        out.append(instantiate(node, _convert_="all"))
+        try:
+            out.append(instantiate(node, _convert_="all"))
+        except InstantiationException as e:  # the class's own complaint, on one line, with the key
+            cause = str(e.__cause__ or e).strip().splitlines()[-1]
+            raise UserError(f"{what}.{name} ({node['_target_']}): {cause}; fix {what}.{name}.*") from None
     return out
 
 

@@ -85,10 +85,16 @@ def test_evaluate_with_a_missing_or_foreign_checkpoint(tmp_path, env):
         (["matmul_precision=fast"], r"matmul_precision='fast': choose highest, high \(TF32\) or medium"),
         (["trainer.precision=fp33"], r"trainer \(accelerator=auto, devices=1, precision=fp33\): .*fp33.*; fix trainer"),
         (["model.weights=IMAGENET9K"], r"model.weights='IMAGENET9K' is not a weight set of resnet18; choose one of IMAGENET1K_V1"),
+        (["finetune=gradual", "finetune.milestones=[3,1]"], r"finetune.milestones=\[3, 1\]: give increasing epoch"),
+        (["finetune=gradual", "trainer.max_epochs=6"], r"finetune.milestones=\[2, 4, 6\]: the last milestone \(epoch 6\)"),
+        (["finetune.lr_decay=0"], r"finetune.lr_decay=0.0: give a factor in \(0, 1\]"),
+        (["callbacks.collapse_detector.patience=0"],
+         r"callbacks.collapse_detector \(lightning_project.callbacks.CollapseDetector\): patience=0: must be at least 1"),
     ],
     ids=["pretrained-offline", "transform-name", "transform-argument", "scheduler-name", "milestones",
          "negative-lr", "optimizer-name", "optimizer-option", "group-option", "strategy", "train-stages",
-         "fractions", "batch-size", "num-classes", "matmul", "precision", "weight-set"],
+         "fractions", "batch-size", "num-classes", "matmul", "precision", "weight-set", "gradual-order",
+         "gradual-too-long", "lr-decay", "callback-option"],
 )
 def test_bad_configuration_is_reported_before_training(tmp_path, capsys, overrides, expected):
     """The same entry function as the command (in-process: the import cost is paid once)."""

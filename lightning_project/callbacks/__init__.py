@@ -1,5 +1,6 @@
 """Our callbacks (only what Lightning's own do not do)."""
 
+from lightning_project.callbacks.collapse import CollapseDetector
 from lightning_project.callbacks.history import EpochHistory
 
-__all__ = ["EpochHistory"]
+__all__ = ["CollapseDetector", "EpochHistory"]

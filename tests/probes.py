@@ -1,0 +1,42 @@
+"""A test-only callback, added with `+callbacks.probe._target_=probes.Probe +callbacks.probe.out=DIR`:
+what trained and at which lr, per step and per epoch, and each process's weights per epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+class Probe(pl.Callback):
+    def __init__(self, out: str, stop_after_epoch: int | None = None) -> None:
+        self.stop_after_epoch = stop_after_epoch  # a run cut short, as if killed after that epoch's checkpoint
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lrs: list[dict[str, float]] = []
+        self.trainable: dict[int, list[str]] = {}
+
+    def _save_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        torch.save(state, self.out / f"rank{trainer.global_rank}_{tag}.pt")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save_weights(trainer, pl_module, "start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+        if batch_idx == 0:  # after on_train_epoch_start has set this epoch's trainable set
+            self.trainable[trainer.current_epoch] = sorted(
+                {n.split(".")[0] for n, p in pl_module.net.named_parameters() if p.requires_grad}
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save_weights(trainer, pl_module, f"epoch{trainer.current_epoch}")
+        if trainer.current_epoch == self.stop_after_epoch:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        record = {"lrs": self.lrs, "trainable": self.trainable}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
