@@ -27,6 +27,7 @@ from lightning_project.data.feature_cache import FeatureCache
 from lightning_project.errors import UserError
 from lightning_project.models import ClassifierModule, check_resumable
 from lightning_project.models.backbones import normalization
+from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
 from lightning_project.utils import runtime, summary
@@ -157,6 +158,8 @@ def train(cfg: DictConfig) -> float | None:
         config_utils.print_tree(cfg, console)
         config_utils.save(cfg, out / ".hydra" / "config.yaml")
 
+    if cfg.finetune.get("strategy") == "gradual" and not cfg.trainer.get("fast_dev_run"):  # before any work
+        check_milestones(list(cfg.finetune.get("milestones") or []), cfg.trainer.get("max_epochs"))
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)

@@ -120,3 +120,26 @@ def test_frozen_parameters_get_no_update_decay_or_momentum():
     assert changed == {"fc.weight", "fc.bias"}  # no BatchNorm statistics either
     frozen = [p for n, p in module.net.named_parameters() if not n.startswith("fc.")]
     assert all(p.grad is None and p not in optimizer.state for p in frozen)
+
+
+@pytest.mark.parametrize("preset, strategy, trainable_at_start, lrs", [
+    ("small_similar", "feature_extractor", {"fc"}, {"default": 0.02}),
+    ("small_different", "partial", {"fc", "layer3", "layer4"}, {"head": 0.02, "layer4": 0.01, "layer3": 0.005}),
+    ("large_similar", "gradual", {"fc"}, {"head": 0.02, "layer4": 0.006, "layer3": 0.0018}),
+    ("large_different", "gradual", {"fc"}, {"head": 0.02, "layer4": 0.016, "layer3": 0.0128}),
+])
+def test_presets_do_what_the_readme_table_says(tmp_path, preset, strategy, trainable_at_start, lrs):
+    from conftest import compose_train
+
+    from lightning_project.utils.config import plain
+
+    cfg = compose_train([f"finetune={preset}"], tmp_path)
+    module = ClassifierModule("resnet18", 3, finetune=plain(cfg.finetune), optim=plain(cfg.optim))
+    assert cfg.finetune.strategy == strategy
+    assert {n.split(".")[0] for n, p in module.net.named_parameters() if p.requires_grad} == trainable_at_start
+    if strategy == "gradual":  # one head-only epoch, then everything
+        assert [m for m, _, _ in module.unfreeze_plan] == [1]
+        assert module.trainable_at(1) == {n for n, _ in module.net.named_parameters()}
+    got = _lrs(module)
+    for name, lr in lrs.items():
+        assert got[name] == pytest.approx(lr), name

@@ -166,7 +166,10 @@ class CollapseDetector(pl.Callback):
         label_share = stats["true"][stats["top_class"]] / stats["samples"]
         if stats["share"] >= self.max_share and stats["share"] >= label_share + (1.0 - self.max_share):
             return "one_class"
-        if stats["classes_in_labels"] > 1 and abs(stats["acc"] - stats["majority_rate"]) <= self.tolerance:
+        # at chance level on balanced data acc also equals the majority rate: only a model leaning on
+        # one class (half of the predictions or more) has collapsed rather than not yet learnt
+        if (stats["classes_in_labels"] > 1 and stats["share"] >= 0.5
+                and abs(stats["acc"] - stats["majority_rate"]) <= self.tolerance):
             return "majority_rate"
         return None
 

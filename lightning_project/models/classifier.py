@@ -13,7 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -152,6 +152,13 @@ class ClassifierModule(pl.LightningModule):
                 out.update(members)
         return out
 
+    def train_widest(self) -> ClassifierModule:
+        """Train from the start everything the plan will ever train (tune's copies measure the
+        memory and the lr of a gradual run's fully unfrozen phase)."""
+        self.initial_trainable, self.unfreeze_plan = self.trainable_at(10**9), []
+        self.set_trainable(0)
+        return self
+
     def set_trainable(self, epoch: int) -> list[str]:
         """Flip requires_grad for `epoch` (a function of the epoch only, so a resumed run gets the
         same frozen set); returns the blocks unfrozen by a milestone at exactly this epoch."""
@@ -180,7 +187,8 @@ class ClassifierModule(pl.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
-        unfrozen = self.set_trainable(self.current_epoch)
+        # only a gradual plan touches trainability here: other strategies leave it to the user's callbacks
+        unfrozen = self.set_trainable(self.current_epoch) if self.unfreeze_plan else []
         if unfrozen:
             count = sum(p.numel() for n, p in self.net.named_parameters() if p.requires_grad)
             log.info("epoch %d: unfreezing %s (%s parameters now train)", self.current_epoch, ", ".join(unfrozen),
@@ -197,16 +205,12 @@ class ClassifierModule(pl.LightningModule):
         # unfrozen later would train unsynchronised on each process.
         if stage != "fit" or not self.unfreeze_plan:
             return
-        last, max_epochs = self.unfreeze_plan[-1][0], self.trainer.max_epochs
-        if max_epochs is not None and 0 < max_epochs <= last:
-            raise UserError(
-                f"finetune.milestones={[m for m, _, _ in self.unfreeze_plan]}: the last milestone (epoch {last}) "
-                f"is never reached with trainer.max_epochs={max_epochs}; train longer or move the milestones earlier"
-            )
+        if not self.trainer.fast_dev_run:  # a smoke run of one batch may stop before the milestones
+            finetune.check_milestones([m for m, _, _ in self.unfreeze_plan], self.trainer.max_epochs)
         if self.trainer.world_size <= 1:
             return
         strategy = self.trainer.strategy
-        if not isinstance(strategy, DDPStrategy):
+        if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
             raise UserError(
                 f"finetune.strategy=gradual: trainer.strategy={type(strategy).__name__} is not supported with "
                 "several devices; use trainer.strategy=ddp (trainer=ddp_cpu on CPU)"

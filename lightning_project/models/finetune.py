@@ -189,6 +189,15 @@ def unfreeze_schedule(net: nn.Module, head: str, milestones: Iterable[int]) -> l
     return plan
 
 
+def check_milestones(milestones: list[int], max_epochs: int | None) -> None:
+    """The last milestone must fall inside the run, or training never ends fully unfrozen."""
+    if milestones and max_epochs is not None and 0 < max_epochs <= milestones[-1]:
+        raise UserError(
+            f"finetune.milestones={milestones}: the last milestone (epoch {milestones[-1]}) is never reached "
+            f"with trainer.max_epochs={max_epochs}; train longer or move the milestones earlier"
+        )
+
+
 def plan_trainable(
     net: nn.Module,
     head: str,
@@ -335,10 +344,10 @@ def split_by_stage(groups: list[ParamGroup], net: nn.Module, head: str, decay: f
     out = []
     for g in groups:
         present = sorted({block_of[n] for n in g.names}, reverse=True)  # from the top
-        for rank, index in enumerate(present):
+        for index in present:
             members = [n for n in g.names if block_of[n] == index]
             name = g.name if len(present) == 1 else (blocks[index][0] if g.name == "default" else f"{g.name}:{blocks[index][0]}")
-            options = {**g.options, "lr": g.options["lr"] * decay**rank}
+            options = {**g.options, "lr": g.options["lr"] * decay ** (present[0] - index)}  # blocks below the top
             out.append(ParamGroup(name, g.patterns, members, options))
     return out
 

@@ -43,7 +43,7 @@ def check(
     The copy trains at constant lr: the finder caps the trainer's steps per trial, which a
     OneCycle/cosine schedule planned for the whole run would take for a resumed run of another
     length (and refuse), and a schedule does not change memory use."""
-    module = copy.deepcopy(module)
+    module = copy.deepcopy(module).train_widest()  # gradual: memory of the fully unfrozen phase
     module.hparams.scheduler = {"name": "none"}
     device = trainer.strategy.root_device
     trials = options.trials(device.type)

@@ -57,7 +57,7 @@ def _cycle(loader):
 
 def sweep(fabric: Fabric, module: ClassifierModule, train_loader, base_lr: float, options: LRFinder) -> Sweep:
     """Run the range test on a copy of `module`; the module itself is left as it was."""
-    work = copy.deepcopy(module)
+    work = copy.deepcopy(module).train_widest()  # gradual: the lr of the fully unfrozen phase
     work.train()
     optimizer = work._build_optimizer()
     result = Sweep(ratios={g["name"]: g["lr"] / base_lr for g in optimizer.param_groups})
