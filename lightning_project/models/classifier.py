@@ -48,8 +48,10 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
 class ClassifierModule(pl.LightningModule):
     """Fine-tunes torchvision model `model_name` for `num_classes` classes.
 
-    finetune: {strategy: full|feature_extractor|partial, train_stages, freeze, unfreeze, freeze_bn_stats}
-    optim: {_target_ (torch.optim class), lr, groups: [{name, patterns, lr|lr_scale, ...}], rest, **options}
+    finetune: {strategy: full|feature_extractor|partial|gradual, train_stages, milestones, lr_decay, freeze,
+               unfreeze, freeze_bn_stats, feature_cache}
+    optim: {_target_ (torch.optim class), lr, groups: [{name, patterns, lr|lr_scale, ...}], rest,
+            no_decay_norm_bias, **options}
     scheduler: {name, **options} (see lightning_project.optim.schedulers)
     """
 
