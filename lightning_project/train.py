@@ -118,12 +118,16 @@ def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     except Exception as e:  # Lightning's own checks of accelerator, devices, precision, ...
-        cause = str(e.__cause__ or e).strip().splitlines()[0]
-        t = cfg.trainer
-        raise UserError(
-            f"trainer (accelerator={t.get('accelerator')}, devices={t.get('devices')}, "
-            f"precision={t.get('precision')}): {cause}; fix trainer.* (trainer=cpu runs anywhere)"
-        ) from None
+        raise trainer_error(cfg.trainer, e) from None
+
+
+def trainer_error(t: DictConfig, e: Exception) -> UserError:
+    """Lightning's complaint about the device settings (Trainer or Fabric) as our one line."""
+    cause = str(e.__cause__ or e).strip().splitlines()[0]
+    return UserError(
+        f"trainer (accelerator={t.get('accelerator')}, devices={t.get('devices')}, "
+        f"precision={t.get('precision')}): {cause}; fix trainer.* (trainer=cpu runs anywhere)"
+    )
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -147,9 +151,7 @@ def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> flo
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     out = run_dir()
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
-        console = Console(width=160)
+    console = runtime.console()
     runtime.setup(cfg.seed, cfg.matmul_precision)
     # Under DDP Lightning reruns this command once per extra process (same run directory): only
     # rank 0 prints and writes; every rank builds the same data, model and trainer.

@@ -17,16 +17,21 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning_fabric import Fabric
 from omegaconf import DictConfig, open_dict
-from rich.console import Console
 
 from lightning_project.callbacks import EpochHistory
 from lightning_project.errors import UserError
 from lightning_project.models.backbones import normalization
-from lightning_project.train import build_datamodule, build_module, build_trainer, print_groups, run_dir
+from lightning_project.train import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    print_groups,
+    run_dir,
+    trainer_error,
+)
 from lightning_project.tuning import TuneOptions, batch_size, checks, lr_finder
 from lightning_project.tuning.report import (
     CheckResult,
-    jsonable,
     overall_status,
     print_report,
     suggestions,
@@ -53,10 +58,7 @@ def build_fabric(cfg: DictConfig) -> Fabric:
     try:
         return Fabric(accelerator=t.accelerator, devices=_one_device(t.devices), precision=t.precision)
     except Exception as e:
-        raise UserError(
-            f"trainer (accelerator={t.accelerator}, devices={t.devices}, precision={t.precision}): "
-            f"{str(e).strip().splitlines()[0]}; fix trainer.* (trainer=cpu runs anywhere)"
-        ) from None
+        raise trainer_error(t, e) from None
 
 
 def build_probe_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -88,7 +90,7 @@ def tune(cfg: DictConfig) -> dict:
                         "model.weights_path=<checkpoint> instead")
     started = time.perf_counter()
     out = run_dir()
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = runtime.console()
     runtime.setup(cfg.seed, cfg.matmul_precision)
     config_utils.print_tree(cfg, console)
     config_utils.save(cfg, out / ".hydra" / "config.yaml")
@@ -141,7 +143,7 @@ def tune(cfg: DictConfig) -> dict:
         "train_command": command,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    summary.write_json(out / "tune_report.json", jsonable(report))
+    summary.write_json(out / "tune_report.json", report)
     print_report(results, console, f"tune: {cfg.model.name} on {report['device']} ({out / 'tune_report.json'})")
     if options.apply and command:
         if "data.batch_size" in suggested and "optim.lr" in suggested:

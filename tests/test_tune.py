@@ -23,7 +23,8 @@ from lightning_project.train import build_datamodule, build_module
 from lightning_project.tune import build_fabric, tune
 from lightning_project.tuning import TuneOptions, checks, lr_finder
 from lightning_project.tuning.options import BatchSize, OverfitBatch
-from lightning_project.tuning.report import CheckResult, jsonable, overall_status, suggestions, train_command
+from lightning_project.tuning.report import CheckResult, overall_status, suggestions, train_command
+from lightning_project.utils.summary import jsonable
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # offline, quiet, tiny: ResNet-18 at 32 px, small batches, few steps of every check
@@ -101,11 +102,9 @@ def test_lr_finder_keeps_the_group_ratios(grouped):
     assert curve["smoothed"][-1] > 4 * min(curve["smoothed"])
     steepest, minimum = lr_finder.suggest(base, curve["smoothed"])  # the saved curve gives the saved answer
     lr = check["value"]
-    if steepest is None:
-        assert check["status"] == "warn" and lr == pytest.approx(base[minimum] / 10)
-    else:
-        assert lr == base[steepest] < base[minimum] and f"optim.lr={lr:.3g}" in check["message"]
-        assert details["group_lrs_at_suggestion"] == pytest.approx({"body": 0.1 * lr, "neck": 0.5 * lr, "head": lr})
+    assert steepest is not None  # a fresh head on digits: the loss falls before it diverges
+    assert lr == base[steepest] < base[minimum] and f"optim.lr={lr:.3g}" in check["message"]
+    assert details["group_lrs_at_suggestion"] == pytest.approx({"body": 0.1 * lr, "neck": 0.5 * lr, "head": lr})
     assert details["min_loss_lr_div10"] == pytest.approx(base[minimum] / 10)
 
 

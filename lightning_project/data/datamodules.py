@@ -135,6 +135,10 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=train and len(self._datasets[split]) > batch,  # no tiny last batch through BatchNorm
         )
 
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Any split in order, batched like evaluation (e.g. to compute features once)."""
+        return self._loader(split, train=False)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 

@@ -294,8 +294,8 @@ class FeatureCache:
 
 def _eval_loader(datamodule, split: str) -> DataLoader:
     """The images of `split` in evaluation order, batched like evaluation."""
-    if hasattr(datamodule, "_loader"):  # ImageDataModule: any split with the evaluation settings
-        return datamodule._loader(split, train=False)
+    if hasattr(datamodule, "eval_dataloader"):  # ImageDataModule: any split with the evaluation settings
+        return datamodule.eval_dataloader(split)
     raise UserError(f"feature cache: {type(datamodule).__name__} cannot list its {split} images in order; "
                     "set finetune.feature_cache=false")
 

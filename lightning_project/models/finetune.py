@@ -172,7 +172,8 @@ def unfreeze_schedule(net: nn.Module, head: str, milestones: Iterable[int]) -> l
     each milestone, and everything left at the last one (so training ends fully unfrozen)."""
     milestones = list(milestones)
     body = stages(net, head)[:-1][::-1]  # from the head down
-    if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+    valid = all(isinstance(m, int) and m >= 1 for m in milestones) and milestones == sorted(set(milestones))
+    if not milestones or not valid:
         raise UserError(
             f"finetune.milestones={milestones}: give increasing epoch numbers >= 1 (e.g. [2,4,6]); "
             "the head trains alone before the first"
@@ -346,7 +347,8 @@ def split_by_stage(groups: list[ParamGroup], net: nn.Module, head: str, decay: f
         present = sorted({block_of[n] for n in g.names}, reverse=True)  # from the top
         for index in present:
             members = [n for n in g.names if block_of[n] == index]
-            name = g.name if len(present) == 1 else (blocks[index][0] if g.name == "default" else f"{g.name}:{blocks[index][0]}")
+            block = blocks[index][0]
+            name = g.name if len(present) == 1 else (block if g.name == "default" else f"{g.name}:{block}")
             options = {**g.options, "lr": g.options["lr"] * decay ** (present[0] - index)}  # blocks below the top
             out.append(ParamGroup(name, g.patterns, members, options))
     return out

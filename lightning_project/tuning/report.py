@@ -3,7 +3,6 @@ and the `train` command line with the suggested values."""
 
 from __future__ import annotations
 
-import math
 import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,17 +33,6 @@ class CheckResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with every NaN/inf float replaced by None (a diverged loss curve stays valid JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def _format(value: Any) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytorch_lightning as pl
 import torch
+from rich.console import Console
 
 from lightning_project.errors import UserError
 
@@ -23,6 +24,11 @@ def quiet_library_noise() -> None:
         lambda record: "litlogger" not in record.getMessage()
     )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def console() -> Console:
+    """Rich console; in logs and pipes wide enough that tables do not wrap."""
+    return Console() if Console().is_terminal else Console(width=160)
 
 
 def setup(seed: int | None, matmul_precision: str = "highest") -> None:

@@ -21,9 +21,21 @@ def _number(value: Any) -> Any:
     return value
 
 
+def jsonable(value: Any) -> Any:
+    """`value` with NaN/inf floats as None, recursively: json.dumps would write bare NaN (invalid
+    JSON) for plain floats, which its `default` hook never sees (a diverged loss, a collapsed run)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_number, sort_keys=False) + "\n")
+    path.write_text(json.dumps(jsonable(data), indent=2, default=_number, allow_nan=False) + "\n")
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
