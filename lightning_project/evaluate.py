@@ -67,6 +67,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "model": module.hparams.model_name,
         "classes": module.hparams.class_names,
         "split_sizes": datamodule.counts,
+        "per_class": summary.per_class(module.confusion, module.hparams.class_names)
+        if module.confusion is not None else None,
         "pretrained": {"used": module.weights_source.used, "source": module.weights_source.source},
     }
     path = Path(cfg.output) if cfg.get("output") else out / "metrics.json"

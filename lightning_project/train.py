@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_project.callbacks import EpochHistory
-from lightning_project.data import ImageDataModule, create_datamodule
+from lightning_project.data import ImageDataModule, create_datamodule, sampling
 from lightning_project.data.feature_cache import FeatureCache
 from lightning_project.errors import UserError
 from lightning_project.models import ClassifierModule, check_resumable
@@ -54,7 +54,25 @@ def build_datamodule(cfg: DictConfig, mean: list[float], std: list[float]) -> Im
         eval_transforms=plain(cfg.augment.eval),
         mean=mean,
         std=std,
+        mixup_alpha=cfg.augment.get("mixup_alpha", 0.0),
+        cutmix_alpha=cfg.augment.get("cutmix_alpha", 0.0),
+        mix_prob=cfg.augment.get("mix_prob", 1.0),
     )
+
+
+def loss_weights(cfg: DictConfig, datamodule: ImageDataModule) -> list[float] | None:
+    """loss.class_weights: null | auto (= balanced) | balanced | sqrt | a list, from the training counts."""
+    setting = plain(cfg.loss.get("class_weights"))
+    counts = list(datamodule.class_counts["train"].values())
+    if setting is None:
+        if max(counts) >= 5 * min(counts) and not cfg.data.get("sampler"):
+            log.warning("classes are imbalanced (training images per class from %d to %d): consider "
+                        "data.sampler=balanced or loss.class_weights=auto", min(counts), max(counts))
+        return None
+    if cfg.data.get("sampler"):
+        log.warning("data.sampler=%s and loss.class_weights=%s both correct the imbalance: the rare classes "
+                    "count twice over; usually one of them is enough", cfg.data.sampler, setting)
+    return sampling.class_weights(counts, setting)
 
 
 def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std) -> ClassifierModule:
@@ -72,6 +90,7 @@ def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std) -> Cla
         optim=plain(cfg.optim),
         scheduler=plain(cfg.scheduler),
         label_smoothing=cfg.loss.label_smoothing,
+        class_weights=loss_weights(cfg, datamodule),
         image_size=cfg.augment.image_size,
         mean=mean,
         std=std,
@@ -165,6 +184,8 @@ def train(cfg: DictConfig) -> float | None:
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
+    if main_process:
+        summary.write_json(out / "classes.json", datamodule.class_info())
     module = build_module(cfg, datamodule, mean, std)
     if cfg.get("ckpt_path"):
         check_resumable(cfg.ckpt_path, module)
@@ -209,6 +230,8 @@ def train(cfg: DictConfig) -> float | None:
         "feature_cache": cache.report(),
         "classes": datamodule.classes,
         "split_sizes": datamodule.counts,
+        "per_class": summary.per_class(module.confusion, datamodule.classes) if module.confusion is not None else None,
+        "skipped_files": getattr(datamodule, "bad_files", {}),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "timings": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONF, compose_train
 from omegaconf import OmegaConf
 
@@ -15,7 +16,7 @@ GROUPS = ["data", "model", "finetune", "optim", "scheduler", "augment", "trainer
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))  # _x: shared parts
 
 
 def test_every_documented_group_exists():
@@ -26,12 +27,16 @@ def test_every_documented_group_exists():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_each_option_composes_and_resolves(group, option, tmp_path):
     extra = ["data.root=/some/images"] if (group, option) in {("data", "imagefolder"), ("experiment", "vgg16_transfer")} else []
+    extra += ["data.csv=/some/labels.csv"] if (group, option) == ("data", "csv") else []
     cfg = compose_train([f"{group}={option}", *extra], tmp_path)
     assert cfg.paths.run_dir == str(tmp_path)
     assert "${" not in OmegaConf.to_yaml(cfg)
     assert cfg.scheduler.name in SCHEDULERS
-    for split in ("train", "eval"):  # the augmentation specs really build
-        build_pipeline(OmegaConf.to_container(cfg.augment[split]), [0.5] * 3, [0.5] * 3, f"augment.{split}")
+    image = torch.randint(0, 255, (3, 60, 80), dtype=torch.uint8)
+    for split in ("train", "eval"):  # the augmentation specs build, and give network-sized float tensors
+        pipeline = build_pipeline(OmegaConf.to_container(cfg.augment[split]), [0.5] * 3, [0.5] * 3, f"augment.{split}")
+        out = pipeline(image)
+        assert out.shape == (3, cfg.augment.image_size, cfg.augment.image_size) and out.dtype == torch.float32
 
 
 def test_every_config_file_says_what_it_is_for():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import ROOT, compose_train, make_image_folder
 from torchvision.transforms import v2
 
 from lightning_project.data import DigitsDataModule, ImageFolderDataModule, create_datamodule
 from lightning_project.data.splits import stratified_split
 from lightning_project.data.transforms import build_pipeline
 from lightning_project.errors import UserError
+from lightning_project.utils.config import plain
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 EVAL = {"resize": {"_target_": "Resize", "size": 32}, "crop": {"_target_": "CenterCrop", "size": 32}}
@@ -143,3 +144,52 @@ def test_cifar10_offline_names_the_file_to_place(tmp_path):
     dm = CIFAR10DataModule(root=str(tmp_path), download=False, eval_transforms=EVAL, num_workers=0)
     with pytest.raises(UserError, match=r"data=cifar10: CIFAR-10 is not under .* place cifar-10-python.tar.gz"):
         dm.prepare()
+
+
+def test_the_presets_exist_and_random_erasing_acts_on_the_normalised_tensor(tmp_path):
+    """(Every preset is composed, built and run at its image size in test_config.py.)"""
+    presets = {p.stem for p in (ROOT / "conf" / "augment").glob("*.yaml")}
+    assert {"basic", "strong", "randaugment", "trivialaugment", "autoaugment", "random_erasing",
+            "rotate_blur_jitter", "crop_flip_jitter", "none"} <= presets
+    erasing = build_pipeline(plain(compose_train(["augment=random_erasing"], tmp_path).augment.train), MEAN, STD)
+    assert [type(t).__name__ for t in erasing.transforms][-3:] == ["ToDtype", "Normalize", "RandomErasing"]
+    torch.manual_seed(0)
+    image = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    outs = [erasing(image) for _ in range(40)]
+    erased = [o for o in outs if (o == 0).all(dim=0).any()]
+    assert erased and len(erased) < 40  # some images carry a patch of exact zeros: the mean colour
+
+
+def test_a_preset_from_the_users_own_yaml_file_and_the_cifar_policy(tmp_path):
+    (tmp_path / "augment").mkdir()
+    (tmp_path / "augment" / "mine.yaml").write_text(
+        "defaults: [basic, _self_]\ntrain:\n  jitter: {_target_: ColorJitter, brightness: 0.4}\n")
+    cfg = compose_train([f"hydra.searchpath=[file://{tmp_path}]", "augment=mine"], tmp_path)
+    assert list(cfg.augment.train) == ["crop", "flip", "jitter"]
+    cfg = compose_train(["augment=autoaugment", "augment.train.policy.policy.value=cifar10"], tmp_path)
+    pipeline = build_pipeline(plain(cfg.augment.train), MEAN, STD)
+    assert pipeline.transforms[3].policy.value == "cifar10"
+
+
+def test_a_step_that_fails_on_an_image_is_reported_before_training():
+    dm = DigitsDataModule(train_transforms={"crop": {"_target_": "RandomCrop", "size": 64}}, eval_transforms=EVAL,
+                          num_workers=0)  # a crop larger than the 8 px digits
+    dm.prepare()
+    with pytest.raises(UserError, match=r"augment.train: the pipeline fails on a training image \(ValueError: "):
+        dm.check_transforms()
+
+
+def test_show_batch_writes_the_grid_with_mixed_labels(tmp_path):
+    from lightning_project.show_batch import show_batch
+
+    cfg = compose_train(["augment.mixup_alpha=0.4", "show_batch.num_images=6", "show_batch.columns=3"],
+                        tmp_path, name="show_batch")
+    path, titles = show_batch(cfg)
+    assert path == tmp_path / "batch.png" and path.stat().st_size > 3000
+    assert len(titles) == 6 and any(" / " in t for t in titles)  # mixed samples name both classes
+    for title in titles:
+        weights = [float(part.rsplit(" ", 1)[1]) for part in title.split(" / ")] if " / " in title else [1.0]
+        assert abs(sum(weights) - 1) < 0.02
+    again = show_batch(compose_train(["augment.mixup_alpha=0.4", "show_batch.num_images=6"], tmp_path / "b",
+                                     name="show_batch"))[1]
+    assert again == titles  # the seed fixes what is shown

@@ -2,10 +2,12 @@
 
 from lightning_project.data.datamodules import (
     CIFAR10DataModule,
+    CSVDataModule,
     DigitsDataModule,
     ImageDataModule,
     ImageFolderDataModule,
     create_datamodule,
 )
 
-__all__ = ["ImageDataModule", "DigitsDataModule", "ImageFolderDataModule", "CIFAR10DataModule", "create_datamodule"]
+__all__ = ["ImageDataModule", "DigitsDataModule", "ImageFolderDataModule", "CIFAR10DataModule", "CSVDataModule",
+           "create_datamodule"]

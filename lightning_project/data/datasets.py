@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from lightning_project.data.images import IMAGE_EXTENSIONS, load_image
 from lightning_project.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+log = logging.getLogger(__name__)
 
 
 class TensorImageDataset(Dataset):
@@ -40,13 +42,14 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = load_image(self.paths[i])
+        try:  # decoded here, in the loader's worker, once per sample
+            image = load_image(self.paths[i])
+        except Exception as e:  # the file was checked before training: it changed since, or checks were off
+            raise UserError(
+                f"cannot read image {self.paths[i]} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "fix or remove it (data.check_images=true finds every such file before training)"
+            ) from None
         return (self.transform(image) if self.transform else image), self.labels[i]
-
-
-def load_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def digits() -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -79,7 +82,8 @@ def scan_folder(
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Image files of `root/<class>/**` (extensions case-insensitive), their labels and the class names.
 
-    With `classes` (the training classes), the folders of `root` must be among them.
+    With `classes` (the training classes), the folders of `root` must be among them. Files without
+    an image extension are ignored (and counted in the log).
     """
     root = Path(root)
     if not root.is_dir():
@@ -95,11 +99,17 @@ def scan_folder(
     classes = classes if classes is not None else found
     paths: list[str] = []
     labels: list[int] = []
+    ignored: dict[str, int] = {}
     for name in found:
         index = classes.index(name)
-        files = sorted(
-            str(f) for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = []
+        for f in sorted((root / name).rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(f))
+            else:
+                ignored[f.suffix.lower() or "(none)"] = ignored.get(f.suffix.lower() or "(none)", 0) + 1
         if not files:
             raise UserError(
                 f"{where}={root}: class folder {name}/ holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -107,4 +117,80 @@ def scan_folder(
             )
         paths += files
         labels += [index] * len(files)
+    if ignored:
+        log.info("%s=%s: ignored %d files without an image extension (%s)", where, root, sum(ignored.values()),
+                 ", ".join(f"{k}: {v}" for k, v in sorted(ignored.items())))
     return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path",
+                "image_id", "img", "id")
+LABEL_COLUMNS = ("label", "class", "target", "category", "class_name", "y")
+
+
+def _column(header: list[str], wanted: str | None, candidates: tuple[str, ...], key: str, csv_path) -> str:
+    if wanted is not None:
+        if wanted not in header:
+            raise UserError(f"{key}={wanted}: {csv_path} has no such column (columns: {', '.join(header)})")
+        return wanted
+    lower = {h.lower(): h for h in header}
+    for name in candidates:
+        if name in lower:
+            return lower[name]
+    raise UserError(f"{key}: {csv_path} has none of the usual columns ({', '.join(candidates)}); "
+                    f"name one of {', '.join(header)} with {key}=<column>")
+
+
+def _class_order(names: set[str]) -> list[str]:
+    """Sorted class names; numerically when every name is an integer ('2' before '10')."""
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_table(
+    csv_path: str | Path,
+    root: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    fold_column: str | None = "fold",
+    extension: str | None = None,
+) -> tuple[list[str], np.ndarray, list[str], np.ndarray | None]:
+    """(paths, labels, class names, folds or None) from a file/label table (the layout of most
+    competitions). Paths are relative to `root` (default: the table's folder); `extension` is added
+    to names that have none (tables of image ids). Columns named None are found by their usual names."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"data.csv={csv_path}: no such file; give the table of image paths and labels")
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: tables saved by Excel
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"data.csv={csv_path}: no rows; it needs a header line and one row per image")
+    path_key = _column(header, path_column, PATH_COLUMNS, "data.path_column", csv_path)
+    label_key = _column(header, label_column, LABEL_COLUMNS, "data.label_column", csv_path)
+    blank = [i + 2 for i, r in enumerate(rows) if not (r[path_key] or "").strip() or not (r[label_key] or "").strip()]
+    if blank:
+        raise UserError(f"data.csv={csv_path}: lines {blank[:10]} have an empty {path_key} or {label_key}; "
+                        "fill or delete them")
+    base = Path(root) if root else csv_path.parent
+    suffix = extension if extension is None or extension.startswith(".") else f".{extension}"
+    paths = []
+    for r in rows:
+        p = Path(r[path_key].strip())
+        if suffix and not p.suffix:
+            p = p.with_name(p.name + suffix)
+        paths.append(str(p if p.is_absolute() else base / p))
+    names = [r[label_key].strip() for r in rows]
+    classes = _class_order(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    folds = None
+    if fold_column and fold_column in header:
+        try:
+            folds = np.asarray([int(r[fold_column]) for r in rows], dtype=np.int64)
+        except ValueError:
+            raise UserError(f"data.fold_column={fold_column}: {csv_path} holds non-integer folds; "
+                            "number them 0..k-1 or set data.fold_column=null") from None
+    return paths, np.asarray([index[n] for n in names], dtype=np.int64), classes, folds

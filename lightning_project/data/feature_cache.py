@@ -47,7 +47,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_project.errors import UserError
 
@@ -191,7 +191,8 @@ class FeatureCache:
             setting,
             backbone_frozen=module.backbone_frozen_throughout(),
             bn_batch_stats=bn_batch_stats,
-            train_random=random_steps(getattr(datamodule, "train_transform", None)),
+            train_random=random_steps(getattr(datamodule, "train_transform", None))
+            + (["MixUp/CutMix batches"] if getattr(datamodule, "mixer", None) is not None else []),
             eval_random=random_steps(getattr(datamodule, "eval_transform", None)),
             strategy=finetune.get("strategy"),
         )
@@ -228,10 +229,13 @@ class FeatureCache:
     def _loader(self, split: str, original: DataLoader) -> DataLoader:
         """A loader of features batched, shuffled and trimmed like the image loader it replaces."""
         data = self.features(split)
+        # a class-balanced sampler draws indices only: it serves the features as it served the images
+        weighted = original.sampler if isinstance(original.sampler, WeightedRandomSampler) else None
         return DataLoader(
             data,
             batch_size=original.batch_size,
-            shuffle=isinstance(original.sampler, RandomSampler),
+            sampler=weighted,
+            shuffle=weighted is None and isinstance(original.sampler, RandomSampler),
             drop_last=original.drop_last,
             pin_memory=original.pin_memory,
         )

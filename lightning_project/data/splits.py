@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from lightning_project.errors import UserError
 
@@ -38,3 +38,32 @@ def stratified_split(
         parts.append(np.sort(part))
     test, val = parts
     return np.sort(rest), val, test
+
+
+def kfold_split(
+    labels: np.ndarray, fold: int, num_folds: int, test_fraction: float, seed: int, folds: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) for fold `fold` of a k-fold cross-validation.
+
+    The test part is carved first from the same seed, so every fold is tested on the same images;
+    the rest is cut into `num_folds` stratified folds (or by the given `folds` numbers, e.g. a
+    table's fold column) and fold `fold` is the validation part.
+    """
+    if folds is None and (not isinstance(num_folds, int) or num_folds < 2):
+        raise UserError(f"data.num_folds={num_folds!r}: k-fold cross-validation needs at least 2 folds")
+    count = len(np.unique(folds)) if folds is not None else num_folds
+    if not isinstance(fold, int) or not 0 <= fold < count:
+        raise UserError(f"data.fold={fold!r}: choose a fold in 0..{count - 1}")
+    rest, _, test = stratified_split(labels, 0.0, test_fraction, seed)
+    if folds is not None:
+        numbers = sorted(int(v) for v in np.unique(folds))
+        if numbers != list(range(len(numbers))):
+            raise UserError(f"data.fold_column: folds are {numbers}; number them 0..k-1")
+        in_fold = folds[rest] == fold
+        return np.sort(rest[~in_fold]), np.sort(rest[in_fold]), test
+    cv = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    try:
+        train, val = list(cv.split(np.zeros(len(rest)), labels[rest]))[fold]
+    except ValueError as e:
+        raise UserError(f"data.num_folds={num_folds} on {len(rest)} images: {e}; use fewer folds") from None
+    return np.sort(rest[train]), np.sort(rest[val]), test

@@ -8,7 +8,9 @@ class of `torchvision.transforms.v2` or any import path. We build it ourselves r
 without Hydra, and a misspelt name should list the close names.
 
 Every pipeline starts by converting to an image tensor and ends with float conversion and the
-network's normalisation, so specs hold only the augmentations.
+network's normalisation, so specs hold only the augmentations. A step `normalize: auto` moves the
+conversion and normalisation to its place, for steps that belong after it (RandomErasing as in
+torchvision's references: erased patches then hold the mean colour, 0 after normalisation).
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def _build_arg(value, where: str):
 
 
 def build_pipeline(spec, mean: Sequence[float], std: Sequence[float], where: str = "augment") -> v2.Compose:
-    """ToImage -> the spec's steps -> float in [0, 1] -> Normalize(mean, std)."""
-    steps = [build_transform(s, f"{where}.{name}") for name, s in _steps(spec)]
-    return v2.Compose([
-        v2.ToImage(),
-        *steps,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ])
+    """ToImage -> the spec's steps -> float in [0, 1] -> Normalize(mean, std) (or where `normalize: auto` is)."""
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    steps, placed = [], False
+    for name, step in _steps(spec):
+        if name == "normalize" and step == "auto":
+            steps, placed = steps + normalize, True
+        else:
+            steps.append(build_transform(step, f"{where}.{name}"))
+    return v2.Compose([v2.ToImage(), *steps, *([] if placed else normalize)])

@@ -12,6 +12,7 @@ from lightning_project.models.classifier import CHECKPOINT_KEY, ClassifierModule
 # what must match for a resumed run to be the same run
 RECIPE_KEYS = (
     "model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size",
+    "class_weights",
 )
 SPEED_ONLY = ("finetune.feature_cache",)  # settings that change how fast a run goes, never what it computes
 

@@ -69,6 +69,7 @@ class ClassifierModule(pl.LightningModule):
         optim: dict | None = None,
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
         image_size: int = 224,
         mean: list[float] | None = None,
         std: list[float] | None = None,
@@ -88,7 +89,13 @@ class ClassifierModule(pl.LightningModule):
         self.weights_source = backbones.load_pretrained(
             self.net, self.head, model_name, pretrained, weights, weights_path, download
         )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise UserError(f"loss.class_weights: {len(class_weights)} weights for {num_classes} classes")
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        # class weights shape the training loss only: val/test losses stay plain cross-entropy, so
+        # runs with and without weights (or with other weights) compare on the same val/loss
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.eval_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
@@ -241,28 +248,28 @@ class ClassifierModule(pl.LightningModule):
         for name, metric in metrics.items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == progress_bar)
 
-    def _step(self, batch, metrics: MetricCollection) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch, metrics: MetricCollection, criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)
-        metrics.update(logits.detach(), y)
+        loss = criterion(logits, y)  # y: class indices, or class probabilities (MixUp/CutMix batches)
+        metrics.update(logits.detach(), y.argmax(dim=1) if y.ndim == 2 else y)  # mixed: the dominant class
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch, self.train_metrics)
+        loss, _ = self._step(batch, self.train_metrics, self.criterion)
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self._log_metrics(self.train_metrics)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits = self._step(batch, self.val_metrics)
+        loss, logits = self._step(batch, self.val_metrics, self.eval_criterion)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self._log_metrics(self.val_metrics, progress_bar="val/acc")
         return logits.argmax(dim=1)  # predicted classes, for callbacks (on_validation_batch_end's outputs)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, logits = self._step(batch, self.test_metrics)
+        loss, logits = self._step(batch, self.test_metrics, self.eval_criterion)
         self.test_confusion.update(logits.argmax(dim=1), batch[1])
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self._log_metrics(self.test_metrics)
@@ -327,6 +334,8 @@ class ClassifierModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:  # its arguments are in Lightning's datamodule_hyper_parameters
             extra["datamodule_target"] = f"{type(dm).__module__}.{type(dm).__qualname__}"
+            if hasattr(dm, "class_info"):  # class-to-index map and images per split and class
+                extra["classes"] = dm.class_info()
         checkpoint[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), **extra}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -38,8 +38,8 @@ def initial_loss(fabric: Fabric, module: ClassifierModule, train_loader, options
         for _, batch in zip(range(options.batches), train_loader):
             x, y = fabric.to_device(batch)
             logits = model(x).float()
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == y).sum())
+            total += F.cross_entropy(logits, y, reduction="sum").item()  # y: indices, or probabilities (mixing)
+            correct += int((logits.argmax(dim=1) == (y.argmax(dim=1) if y.ndim == 2 else y)).sum())
             seen += len(y)
     num_classes = module.hparams.num_classes
     expected = math.log(num_classes)

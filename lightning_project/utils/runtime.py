@@ -47,5 +47,8 @@ def user_errors() -> Iterator[None]:
         yield
     except UserError as e:
         log.debug("user error", exc_info=True)
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a loader worker, which prepends its traceback
+            message = [line for line in message.splitlines() if line.strip()][-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -59,22 +59,40 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def per_class(matrix, class_names: list[str]) -> dict[str, dict[str, float | int]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows = true class);
+    a class never predicted (or absent) gets 0, as torchmetrics and scikit-learn report it."""
+    m = [[int(v) for v in row] for row in matrix.tolist()]
+    out = {}
+    for i, name in enumerate(class_names):
+        hit, support, predicted = m[i][i], sum(m[i]), sum(row[i] for row in m)
+        precision = hit / predicted if predicted else 0.0
+        recall = hit / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[name] = {"precision": round(precision, 6), "recall": round(recall, 6), "f1": round(f1, 6),
+                     "support": support}
+    return out
+
+
 def plot_confusion(matrix, class_names: list[str], path: Path) -> None:
-    """Test-set confusion matrix: counts, rows = true class, columns = predicted class."""
+    """Test-set confusion matrix, rows = true class, columns = predicted class. Cells show counts and
+    are coloured by their share of the row (recall on the diagonal), so a rare class's errors are as
+    visible as a common one's; each row label carries the class's recall and support."""
     matrix = [[int(v) for v in row] for row in matrix.tolist()]
     n = len(class_names)
+    shares = [[v / (sum(row) or 1) for v in row] for row in matrix]
     size = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), constrained_layout=True)
-    ax.imshow(matrix, cmap="Blues")
+    fig, ax = plt.subplots(figsize=(size + 1, size * 0.9), constrained_layout=True)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90 if n > 10 else 0)
-    ax.set_yticks(range(n), class_names)
+    labels = [f"{c} ({shares[i][i]:.0%} of {sum(matrix[i])})" for i, c in enumerate(class_names)]
+    ax.set_yticks(range(n), labels if n <= 30 else class_names)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel("true (recall of support)")
     if n <= 30:
-        peak = max(max(row) for row in matrix) or 1
         for i, row in enumerate(matrix):
             for j, v in enumerate(row):
-                ax.text(j, i, v, ha="center", va="center", fontsize=8, color="white" if v > peak / 2 else "black")
-    ax.set_title("confusion matrix (test)")
+                ax.text(j, i, v, ha="center", va="center", fontsize=8, color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_title("confusion matrix (test; colour = share of the true class)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
