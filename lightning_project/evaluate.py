@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from lightning_project.data import create_datamodule
 from lightning_project.errors import UserError
 from lightning_project.models import load_checkpoint
+from lightning_project.models.checkpoints import warn_if_split_changed
 from lightning_project.models.classifier import CHECKPOINT_KEY
 from lightning_project.utils import runtime, summary
 from lightning_project.utils.config import plain
@@ -33,7 +34,9 @@ def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None):
             raise UserError(
                 "the checkpoint does not record its data module; pass data=... (e.g. data=imagefolder data.root=DIR)"
             )
-        return create_datamodule(target, **stored)
+        datamodule = create_datamodule(target, **stored)
+        warn_if_split_changed(checkpoint, datamodule.class_counts, "ckpt_path")
+        return datamodule
     kwargs = plain(data_cfg)
     target = kwargs.pop("_target_")
     hp = checkpoint["hyper_parameters"]

@@ -45,11 +45,11 @@ def build_datamodule(cfg: DictConfig, mean: list[float], std: list[float]) -> Im
     kwargs = plain(cfg.data)
     target = kwargs.pop("_target_", None)
     if not target:
-        raise UserError("data._target_ is missing: pick a data config (data=digits|imagefolder|cifar10)")
+        raise UserError("data._target_ is missing: pick a data config (data=digits|imagefolder|csv|cifar10)")
     # built directly, not through hydra's instantiate, which would try to build the transform specs
     return create_datamodule(
         target,
-        **kwargs,
+        **{**kwargs, "image_size": cfg.augment.image_size},  # the network input, what both pipelines produce
         train_transforms=plain(cfg.augment.train),
         eval_transforms=plain(cfg.augment.eval),
         mean=mean,
@@ -188,7 +188,7 @@ def train(cfg: DictConfig) -> float | None:
         summary.write_json(out / "classes.json", datamodule.class_info())
     module = build_module(cfg, datamodule, mean, std)
     if cfg.get("ckpt_path"):
-        check_resumable(cfg.ckpt_path, module)
+        check_resumable(cfg.ckpt_path, module, datamodule.class_counts)
     if main_process:
         print_groups(module, console)
     history = EpochHistory()

@@ -110,6 +110,7 @@ def test_the_run_reports_per_class_metrics_and_the_class_map(unbalanced_run):
     expected = [n / (3 * c) for c in train_counts.values()]  # scikit-learn's "balanced"
     assert checkpoint["hyper_parameters"]["class_weights"] == pytest.approx(expected)
     assert checkpoint["datamodule_hyper_parameters"]["sampler"] == "balanced"
+    assert not any(k.startswith("criterion.") for k in checkpoint["state_dict"])  # weights_path stays usable
     assert (unbalanced_run / "confusion_matrix.png").stat().st_size > 5000
 
 

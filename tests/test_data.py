@@ -179,6 +179,23 @@ def test_a_step_that_fails_on_an_image_is_reported_before_training():
         dm.check_transforms()
 
 
+def test_pipelines_must_give_the_network_input_size():
+    dm = DigitsDataModule(train_transforms={}, eval_transforms=EVAL, image_size=32, num_workers=0)
+    dm.prepare()
+    with pytest.raises(UserError, match=r"augment.train yields 8x8 images, augment.image_size is 32: end augment.train "
+                                        r"with a crop to 32"):
+        dm.check_transforms()
+
+
+def test_balanced_sampler_feeds_the_training_loader():
+    from torch.utils.data import WeightedRandomSampler
+
+    dm = digits(sampler="balanced")
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader().sampler, WeightedRandomSampler)
+    assert not isinstance(dm.val_dataloader().sampler, WeightedRandomSampler)
+
+
 def test_show_batch_writes_the_grid_with_mixed_labels(tmp_path):
     from lightning_project.show_batch import show_batch
 

@@ -64,7 +64,7 @@ def test_random_steps_name_what_makes_a_pipeline_random():
          "parameters before the head train (finetune.strategy=partial)"),
         ({"bn_batch_stats": True}, False, "finetune.freeze_bn_stats=false"),
         ({"train_random": ["RandomResizedCrop"]}, False,
-         "training transforms are random (RandomResizedCrop); augment=none"),
+         "training batches are random (RandomResizedCrop); augment=none"),
         ({"eval_random": ["RandomCrop"]}, False, "evaluation transforms are random (RandomCrop)"),
     ],
 )
@@ -86,7 +86,8 @@ def test_setting_values():
     [
         (["finetune=full", "augment=none"], False, "parameters before the head train (finetune.strategy=full)"),
         (["finetune=partial", "augment=none"], False, "parameters before the head train (finetune.strategy=partial)"),
-        (["finetune=feature_extractor"], False, "training transforms are random (RandomResizedCrop); augment=none"),
+        (["finetune=feature_extractor"], False, "training batches are random (RandomResizedCrop); augment=none"),
+        ([*CACHED, "augment.mixup_alpha=0.2"], False, "training batches are random (MixUp/CutMix batches)"),
         (["finetune=feature_extractor", "augment=none", "finetune.freeze_bn_stats=false"], False, "batch statistics"),
         (["finetune=feature_extractor", "augment=none", "finetune.feature_cache=false"], False, "=false"),
         (CACHED, True, "frozen backbone and deterministic transforms"),
@@ -104,6 +105,20 @@ def test_plan_for_configured_runs(overrides, use, reason, tmp_path, caplog):
         assert lines == []  # switched off by the user: nothing to explain
     else:
         assert lines == [f"feature cache {'on' if use else 'off'}: {cache.decision.reason}"]
+
+
+def test_cached_loader_draws_with_the_class_balanced_sampler():
+    """data.sampler=balanced draws indices only: the feature loader reuses the image loader's sampler."""
+    from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+    from lightning_project.data.feature_cache import Decision
+
+    cache = FeatureCache(Decision(True, "frozen"))
+    cache._checked, cache._data = True, {"train": TensorDataset(torch.randn(10, 4), torch.arange(10) % 2)}
+    sampler = WeightedRandomSampler(torch.ones(10), num_samples=10)
+    images = DataLoader(TensorDataset(torch.zeros(10, 3)), batch_size=4, sampler=sampler, drop_last=True)
+    features = cache._loader("train", images)
+    assert features.sampler is sampler and features.batch_size == 4 and features.drop_last
 
 
 def test_stochastic_layers_before_the_head_are_named():

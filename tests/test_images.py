@@ -33,6 +33,10 @@ def test_every_mode_becomes_8_bit_rgb(tmp_path):
         image = load_image(tmp_path / name)
         assert image.mode == "RGB", name
     assert load_image(tmp_path / "g16.png").getpixel((0, 0)) == (156, 156, 156)  # scaled, not clipped to 255
+    dim = np.full((8, 8), 1028, dtype=np.uint16)
+    dim[0, 0] = 300  # the image's brightest pixel decides nothing: every 16-bit file scales alike
+    Image.fromarray(dim).save(tmp_path / "dim16.png")
+    assert load_image(tmp_path / "dim16.png").getpixel((1, 1)) == (4, 4, 4)
     composited = load_image(tmp_path / "rgba.png")
     assert composited.getpixel((5, 5)) == (255, 255, 255)  # invisible pixels on white, not their hidden green
     assert composited.getpixel((0, 0)) == (10, 200, 30)

@@ -75,12 +75,15 @@ def test_a_file_broken_after_the_check_is_one_line_from_a_worker(tmp_path, capsy
     dm = folder(root, check_images=False, val_fraction=0.3, test_fraction=0.0, num_workers=1)
     dm.setup("fit")
     broken = dm._items["train"][0][0]
-    open(broken, "wb").close()  # emptied after the check
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    with open(broken, "wb") as f:  # truncated after the check: opens, fails while decoding
+        f.write(buffer.getvalue()[:2000])
     with pytest.raises(SystemExit) as e, runtime.user_errors():
         list(dm.eval_dataloader("train"))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
-    assert err.startswith(f"error: cannot read image {broken} (cannot identify image file")
+    assert err.startswith(f"error: cannot read image {broken} (")
 
 
 def test_check_images_false_still_finds_missing_table_rows(tmp_path):
@@ -88,6 +91,31 @@ def test_check_images_false_still_finds_missing_table_rows(tmp_path):
     (tmp_path / "t.csv").write_text("image,label\nimgs/a/img0.png,a\nimgs/a/gone.png,a\n")
     with pytest.raises(UserError, match=r"1 of 2 files are not readable images: .*gone.png \(no such file\)"):
         CSVDataModule(csv=str(tmp_path / "t.csv"), check_images=False, eval_transforms=EVAL).prepare()
+
+
+def test_csv_duplicates_are_dropped_and_conflicting_labels_refused(tmp_path, caplog):
+    make_image_folder(tmp_path / "imgs", ("a", "b"), per_class=6)
+    rows = [f"imgs/{c}/img{j}.png,{c}" for c in "ab" for j in range(6)]
+    (tmp_path / "t.csv").write_text("image , label\n" + "\n".join(rows + rows[:3]) + "\n")  # spaced header
+    dm = CSVDataModule(csv=str(tmp_path / "t.csv"), eval_transforms=EVAL, num_workers=0, val_fraction=0.3,
+                       test_fraction=0.0)
+    dm.prepare()
+    assert dm.counts["train"] + dm.counts["val"] == 12 and "3 duplicate rows dropped" in caplog.text
+    train, val = set(dm._items["train"][0]), set(dm._items["val"][0])
+    assert not train & val
+    (tmp_path / "t.csv").write_text("image,label\n" + "\n".join(rows + ["imgs/a/img0.png,b"]) + "\n")
+    with pytest.raises(UserError, match=r"img0.png has two labels \('a' on line 2, 'b' on line 14\); keep one"):
+        CSVDataModule(csv=str(tmp_path / "t.csv"), eval_transforms=EVAL, num_workers=0).prepare()
+
+
+def test_tiny_classes_are_named(tmp_path, caplog):
+    make_image_folder(tmp_path / "imgs", ("big",), per_class=12)
+    make_image_folder(tmp_path / "imgs", ("one",), per_class=1)
+    with pytest.raises(UserError, match=r"classes one \(1\) have fewer than 2 images: a stratified split needs"):
+        folder(tmp_path / "imgs").prepare()
+    make_image_folder(tmp_path / "imgs", ("one",), per_class=2)
+    folder(tmp_path / "imgs").prepare()
+    assert "classes ['one'] have no test images (too few to split); their test metrics are missing" in caplog.text
 
 
 def test_csv_table_ids_numeric_labels_and_fold_column(tmp_path):
@@ -105,6 +133,9 @@ def test_csv_table_ids_numeric_labels_and_fold_column(tmp_path):
     assert dm.counts == {"train": 18, "val": 6, "test": 6}  # no test share: tested on val (warned)
     with pytest.raises(UserError, match=r"data.fold=4: choose a fold in 0..3"):
         CSVDataModule(**kwargs, fold=4).prepare()
+    grouped = CSVDataModule(**{**kwargs, "test_fraction": 0.15}, fold=2)  # the folds (groups) decide, not chance
+    grouped.prepare()
+    assert grouped.counts == {"train": 18, "val": 6, "test": 6}
 
 
 @pytest.mark.parametrize(

@@ -100,11 +100,24 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- shared ---------------------------------------------------------------------------------
     def split(
-        self, items: Any, labels: np.ndarray, splits=("val", "test"), folds: np.ndarray | None = None
+        self, items: Any, labels: np.ndarray, splits=("val", "test"), folds: np.ndarray | None = None,
+        classes: list[str] | None = None,
     ) -> dict[str, tuple[Any, np.ndarray]]:
         """Stratified train parts plus the `splits` carved out by their fractions (from the same seed);
         with data.fold, the validation part is that fold of a k-fold split (`folds`: given fold numbers)."""
         fraction = {s: self.hparams[f"{s}_fraction"] if s in splits else 0.0 for s in ("val", "test")}
+        if folds is not None and self.hparams.fold is not None and fraction["test"] > 0:
+            # a random test share would cut across the table's folds (often groups: one patient, one site)
+            log.warning("data.fold_column: the table's folds define the split, data.test_fraction=%s is ignored "
+                        "(testing on the validation fold)", fraction["test"])
+            fraction["test"] = 0.0
+        names = classes or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+        counts = np.bincount(labels, minlength=len(names))
+        few = [f"{n} ({c})" for n, c in zip(names, counts) if c < 2]
+        if few and (fraction["val"] > 0 or fraction["test"] > 0 or self.hparams.fold is not None):
+            skipped = " after skipping unreadable files" if getattr(self, "bad_files", None) else ""
+            raise UserError(f"classes {', '.join(few)} have fewer than 2 images{skipped}: a stratified split needs "
+                            "at least 2 per class; add images or remove those classes")
         if self.hparams.fold is None:
             train, val, test = stratified_split(labels, fraction["val"], fraction["test"], self.hparams.seed)
         elif "val" not in splits:
@@ -143,6 +156,11 @@ class ImageDataModule(pl.LightningDataModule):
             empty = [c for c, n in self.class_counts["train"].items() if n == 0]
             if empty:
                 raise UserError(f"classes {empty} have no training images; add images or remove the classes")
+            for split in ("val", "test"):  # tiny classes: their metrics are missing, not zero
+                missing = [c for c, n in self.class_counts[split].items() if n == 0]
+                if missing and rank_zero_only.rank == 0:
+                    log.warning("classes %s have no %s images (too few to split); their %s metrics are missing",
+                                missing, split, split)
             h = self.hparams
             self.mixer = mixing.mixer(len(classes), h.mixup_alpha, h.cutmix_alpha, h.mix_prob)
         return self.classes
@@ -170,9 +188,9 @@ class ImageDataModule(pl.LightningDataModule):
                 raise UserError(f"{key}: the pipeline fails on a training image ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); fix the step's arguments") from None
             size = self.hparams.image_size
-            if key == "augment.eval" and tuple(out.shape[-2:]) != (size, size):
-                log.warning("augment.eval yields %s images, the network input is %dx%d (augment.image_size)",
-                            tuple(out.shape[-2:]), size, size)
+            if tuple(out.shape[-2:]) != (size, size):  # images of other sizes would not stack into batches
+                raise UserError(f"{key} yields {out.shape[-2]}x{out.shape[-1]} images, augment.image_size is {size}: "
+                                f"end {key} with a crop to {size} (e.g. CenterCrop or RandomResizedCrop)")
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -251,7 +269,7 @@ class DigitsDataModule(ImageDataModule):
 
     def load(self):
         images, labels, classes = datasets.digits()
-        return self.split(images, labels), classes
+        return self.split(images, labels, classes=classes), classes
 
     def make_dataset(self, items, labels, transform):
         return datasets.TensorImageDataset(items, labels, transform)
@@ -312,9 +330,9 @@ class ImageFolderDataModule(FileDataModule):
         base = self.root / "train" if (self.root / "train").is_dir() else self.root
         paths, labels, classes = self._scan(base, "data.root")
         if base == self.root:  # one pool of images
-            return self.split(paths, labels), classes
+            return self.split(paths, labels, classes=classes), classes
         on_disk = [s for s in ("val", "test") if (self.root / s).is_dir()]
-        parts = self.split(paths, labels, splits=[s for s in ("val", "test") if s not in on_disk])
+        parts = self.split(paths, labels, splits=[s for s in ("val", "test") if s not in on_disk], classes=classes)
         for s in on_disk:
             parts[s] = self._scan(self.root / s, f"data.root ({s}/)", classes)[:2]
         return parts, classes
@@ -344,7 +362,7 @@ class CSVDataModule(FileDataModule):
         paths, labels, classes, folds = datasets.read_table(**self.table)
         keep = self.readable(paths, f"data.csv={self.table['csv_path']}")
         paths, labels = [paths[i] for i in keep], labels[keep]
-        return self.split(paths, labels, folds=None if folds is None else folds[keep]), classes
+        return self.split(paths, labels, folds=None if folds is None else folds[keep], classes=classes), classes
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -361,7 +379,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     def load(self):
         images, labels, classes = datasets.cifar10(self.root, True, self.download)
-        parts = self.split(images, labels)
+        parts = self.split(images, labels, classes=classes)
         test_images, test_labels, _ = datasets.cifar10(self.root, False, self.download)
         parts["test"] = (test_images, test_labels)
         return parts, classes

@@ -88,7 +88,7 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{where}={root}: no such directory; point it at a folder with one sub-folder per class")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
     if not found:
         raise UserError(f"{where}={root}: no class folders; put the images of each class in {root}/<class name>/")
     if classes is not None and set(found) - set(classes):
@@ -104,8 +104,8 @@ def scan_folder(
         index = classes.index(name)
         files = []
         for f in sorted((root / name).rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
-                continue
+            if not f.is_file() or any(_hidden(part) for part in f.relative_to(root / name).parts):
+                continue  # .DS_Store, .ipynb_checkpoints/, @eaDir/ thumbnails: not images of the class
             if f.suffix.lower() in IMAGE_EXTENSIONS:
                 files.append(str(f))
             else:
@@ -121,6 +121,11 @@ def scan_folder(
         log.info("%s=%s: ignored %d files without an image extension (%s)", where, root, sum(ignored.values()),
                  ", ".join(f"{k}: {v}" for k, v in sorted(ignored.items())))
     return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def _hidden(name: str) -> bool:
+    """Folders and files that tools leave behind (macOS, Jupyter, Synology), never class data."""
+    return name.startswith(".") or name in ("__MACOSX", "@eaDir", "__pycache__")
 
 
 PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path",
@@ -165,7 +170,8 @@ def read_table(
         raise UserError(f"data.csv={csv_path}: no such file; give the table of image paths and labels")
     with csv_path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: tables saved by Excel
         reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header  # `image, label` as well as `image,label`
         rows = list(reader)
     if not rows:
         raise UserError(f"data.csv={csv_path}: no rows; it needs a header line and one row per image")
@@ -180,10 +186,22 @@ def read_table(
     paths = []
     for r in rows:
         p = Path(r[path_key].strip())
-        if suffix and not p.suffix:
+        if suffix and p.suffix.lower() not in IMAGE_EXTENSIONS:  # ids, dotted ids (1.2.3) included
             p = p.with_name(p.name + suffix)
         paths.append(str(p if p.is_absolute() else base / p))
     names = [r[label_key].strip() for r in rows]
+    first: dict[str, int] = {}
+    keep = []
+    for i, (path, name) in enumerate(zip(paths, names)):
+        if path not in first:
+            first[path] = i
+            keep.append(i)
+        elif names[first[path]] != name:
+            raise UserError(f"data.csv={csv_path}: {path} has two labels ({names[first[path]]!r} on line "
+                            f"{first[path] + 2}, {name!r} on line {i + 2}); keep one")
+    if len(keep) < len(rows):  # a row twice would land in two splits (a test image seen in training)
+        log.warning("data.csv=%s: %d duplicate rows dropped", csv_path, len(rows) - len(keep))
+        rows, paths, names = [rows[i] for i in keep], [paths[i] for i in keep], [names[i] for i in keep]
     classes = _class_order(set(names))
     index = {c: i for i, c in enumerate(classes)}
     folds = None

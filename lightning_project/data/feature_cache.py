@@ -136,8 +136,8 @@ def decide(
             False, "frozen BatchNorm layers use batch statistics in training (finetune.freeze_bn_stats=false)"
         )
     if train_random:
-        return Decision(False, f"training transforms are random ({', '.join(train_random)}); augment=none makes "
-                               "them deterministic")
+        return Decision(False, f"training batches are random ({', '.join(train_random)}); augment=none (and "
+                               "augment.mixup_alpha=0, augment.cutmix_alpha=0) makes them deterministic")
     if eval_random:
         return Decision(False, f"evaluation transforms are random ({', '.join(eval_random)})")
     where = "memory and disk" if setting == "disk" else "memory"

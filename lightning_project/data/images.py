@@ -26,11 +26,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in WIDE_MODES:
+        # by the mode's range, the same for every image of a data set: I;16 is 0..65535 (12-bit data
+        # stored in 16-bit files comes out dark: rescale such files beforehand); I (32-bit integers)
+        # and F (floats) carry no range, so values above 255 are taken as 16-bit, floats up to 1 as [0, 1]
         values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        elif image.mode != "F" and values.size and values.max() > 255:
-            values = values / 257.0  # 16-bit range 0..65535 onto 0..255
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0
+        elif image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
         gray = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -43,6 +46,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _upright(image: Image.Image) -> Image.Image:
+    """`image` (already decoded) turned as its EXIF orientation says."""
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block: keep the pixels as stored rather than fail the image
@@ -50,8 +54,9 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The image at `path`, upright, as RGB (decoded in full)."""
+    """The image at `path`, upright, as RGB. Decoded in full first, so a broken file raises here."""
     with Image.open(path) as im:
+        im.load()
         return to_rgb(_upright(im))
 
 

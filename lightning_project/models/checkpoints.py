@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from lightning_project.errors import UserError
 from lightning_project.models.classifier import CHECKPOINT_KEY, ClassifierModule
+
+log = logging.getLogger("lightning_project")
 
 # what must match for a resumed run to be the same run
 RECIPE_KEYS = (
@@ -38,10 +41,24 @@ def _read(path: str | Path, **load_options) -> dict:
     return checkpoint
 
 
-def check_resumable(path: str | Path, module: ClassifierModule) -> None:
+def warn_if_split_changed(checkpoint: dict, class_counts: dict, path: str | Path) -> None:
+    """Images per split and class now, against those the checkpoint was trained with: files added to
+    or removed from the data since move images between splits (a test image may have been trained on)."""
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("classes", {}).get("counts")
+    if saved and saved != class_counts:
+        totals = {s: sum(c.values()) for s, c in saved.items()}, {s: sum(c.values()) for s, c in class_counts.items()}
+        log.warning("%s: the data has changed since training (images per split then %s, now %s): the splits differ, "
+                    "so metrics are not comparable and the test split may hold training images", path, *totals)
+
+
+def check_resumable(path: str | Path, module: ClassifierModule, class_counts: dict | None = None) -> None:
     """A run resumed with `ckpt_path` must have the recipe it was started with (else Lightning fails
-    deep inside optimizer loading, or silently mixes two recipes); the first difference is named."""
-    saved = _read(path, map_location="cpu", mmap=True)["hyper_parameters"]  # memory-mapped: tensors unread
+    deep inside optimizer loading, or silently mixes two recipes); the first difference is named.
+    With `class_counts` (the data module's), a changed data set is warned about."""
+    checkpoint = _read(path, map_location="cpu", mmap=True)  # memory-mapped: tensors unread
+    if class_counts is not None:
+        warn_if_split_changed(checkpoint, class_counts, path)
+    saved = checkpoint["hyper_parameters"]
     before = {k: v for key in RECIPE_KEYS for k, v in _flat(saved.get(key), key).items()}
     now = {k: v for key in RECIPE_KEYS for k, v in _flat(module.hparams.get(key), key).items()}
     diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in SPEED_ONLY]

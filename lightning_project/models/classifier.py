@@ -95,6 +95,8 @@ class ClassifierModule(pl.LightningModule):
         # class weights shape the training loss only: val/test losses stay plain cross-entropy, so
         # runs with and without weights (or with other weights) compare on the same val/loss
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        if weight is not None:  # rebuilt from the hyperparameters: kept out of the weights a checkpoint shares
+            self.criterion.register_buffer("weight", weight, persistent=False)
         self.eval_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")

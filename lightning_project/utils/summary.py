@@ -60,14 +60,19 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
 
 
 def per_class(matrix, class_names: list[str]) -> dict[str, dict[str, float | int]]:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows = true class);
-    a class never predicted (or absent) gets 0, as torchmetrics and scikit-learn report it."""
+    """Precision, recall, F1 and support of each class, from the test confusion matrix (rows = true
+    class) that the run already holds, rather than a second pass with per-class metric objects.
+    A class never predicted gets precision 0; a class without test images gets None for all three
+    (nothing was measured; torchmetrics' macro average leaves such classes out too)."""
     m = [[int(v) for v in row] for row in matrix.tolist()]
     out = {}
     for i, name in enumerate(class_names):
         hit, support, predicted = m[i][i], sum(m[i]), sum(row[i] for row in m)
+        if not support:
+            out[name] = {"precision": None, "recall": None, "f1": None, "support": 0}
+            continue
         precision = hit / predicted if predicted else 0.0
-        recall = hit / support if support else 0.0
+        recall = hit / support
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         out[name] = {"precision": round(precision, 6), "recall": round(recall, 6), "f1": round(f1, 6),
                      "support": support}
