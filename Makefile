@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast bench bench-cache bench-data clean
 
 install: $(STAMP)
 
@@ -25,10 +25,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-## benchmarks, ratios measured in one process; figures go to benchmarks/RESULTS.md and benchmarks/results/
-## (frozen-backbone feature cache: ResNet-18, 64 px, CPU); other options: make bench ARGS="--image-size 32 --device cuda"
-bench: $(STAMP)
+## benchmarks, ratios measured in one process; figures go to benchmarks/RESULTS.md and benchmarks/results/;
+## options shared by both: make bench ARGS="--device cuda --image-size 224 --batch-size 128 --model resnet50"
+bench: bench-cache bench-data
+
+## frozen-backbone feature cache against uncached training (ResNet-18, 64 px, CPU by default)
+bench-cache: $(STAMP)
 	$(PY) benchmarks/feature_cache.py $(ARGS)
+
+## the training loader alone against the model's consumption: which one is the bottleneck (224 px)
+bench-data: $(STAMP)
+	$(PY) benchmarks/data_pipeline.py --write-results $(ARGS)
 
 clean:
 	rm -rf logs .pytest_cache

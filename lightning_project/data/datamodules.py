@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -202,7 +203,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         workers = self.num_workers
-        pin = torch.cuda.is_available() if self.hparams.pin_memory == "auto" else bool(self.hparams.pin_memory)
+        pin = bool(self.hparams.pin_memory)
+        if self.hparams.pin_memory == "auto":  # pinned host memory helps copies to a GPU only
+            trainer = getattr(self, "trainer", None)
+            pin = torch.cuda.is_available() and not isinstance(getattr(trainer, "accelerator", None), CPUAccelerator)
         batch = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
         sampler = None
         if train and self.hparams.sampler:
