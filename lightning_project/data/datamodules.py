@@ -157,11 +157,10 @@ class ImageDataModule(pl.LightningDataModule):
             empty = [c for c, n in self.class_counts["train"].items() if n == 0]
             if empty:
                 raise UserError(f"classes {empty} have no training images; add images or remove the classes")
-            for split in ("val", "test"):  # tiny classes: their metrics are missing, not zero
-                missing = [c for c, n in self.class_counts[split].items() if n == 0]
-                if missing and rank_zero_only.rank == 0:
-                    log.warning("classes %s have no %s images (too few to split); their %s metrics are missing",
-                                missing, split, split)
+            for split in ("val", "test") if items["test"] is not items["val"] else ("val",):
+                missing = [c for c, n in self.class_counts[split].items() if n == 0]  # too few to split, or
+                if missing and rank_zero_only.rank == 0:  # absent from a split folder: metrics missing, not zero
+                    log.warning("classes %s have no %s images; their %s metrics are missing", missing, split, split)
             h = self.hparams
             self.mixer = mixing.mixer(len(classes), h.mixup_alpha, h.cutmix_alpha, h.mix_prob)
         return self.classes
