@@ -182,7 +182,7 @@ def read_table(
         raise UserError(f"data.csv={csv_path}: lines {blank[:10]} have an empty {path_key} or {label_key}; "
                         "fill or delete them")
     base = Path(root) if root else csv_path.parent
-    suffix = extension if extension is None or extension.startswith(".") else f".{extension}"
+    suffix = None if extension is None else (str(extension) if str(extension).startswith(".") else f".{extension}")
     paths = []
     for r in rows:
         p = Path(r[path_key].strip())
