@@ -26,18 +26,19 @@ def _flat(value, prefix: str) -> dict:
     return {prefix: value}
 
 
-def _read(path: str | Path, **load_options) -> dict:
-    """A checkpoint of ours as a dict (tensors and plain values only), or one clear error."""
+def _read(path: str | Path, where: str = "ckpt_path", **load_options) -> dict:
+    """A checkpoint of ours as a dict (tensors and plain values only), or one clear error naming `where`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"ckpt_path={path}: no such file")
+        raise UserError(f"{where}={path}: no such file")
     try:
         checkpoint = torch.load(path, weights_only=True, **load_options)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({reason})") from None
+        raise UserError(f"{where}={path}: not a readable checkpoint ({reason}); is the file complete?") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise UserError(f"ckpt_path={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        raise UserError(f"{where}={path}: not a lightning_project checkpoint (no {CHECKPOINT_KEY!r} entry); "
+                        "give a checkpoint written by lightning_project.train")
     return checkpoint
 
 
@@ -71,10 +72,18 @@ def check_resumable(path: str | Path, module: ClassifierModule, class_counts: di
         )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ClassifierModule, dict]:
-    """The module in eval mode and the raw checkpoint (read once)."""
-    checkpoint = _read(path, map_location=map_location)
-    module = ClassifierModule(**{**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None})
-    module.load_state_dict(checkpoint["state_dict"])
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", where: str = "ckpt_path"
+) -> tuple[ClassifierModule, dict]:
+    """The module in eval mode and the raw checkpoint (read once, with weights_only=True)."""
+    checkpoint = _read(path, where, map_location=map_location)
+    hp = checkpoint["hyper_parameters"]
+    module = ClassifierModule(**{**hp, "pretrained": False, "weights_path": None})
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as e:  # weights of another shape: an edited or foreign checkpoint
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise UserError(f"{where}={path}: its weights do not fit a {hp.get('model_name')} for "
+                        f"{hp.get('num_classes')} classes ({first[0].strip()})") from None
     module.on_load_checkpoint(checkpoint)
     return module.eval(), checkpoint
