@@ -3,20 +3,32 @@
 By default the data module is rebuilt from the checkpoint (same data, same split), so the test
 accuracy of training is reproduced; `data=...` evaluates on other images with the checkpoint's
 own evaluation transforms and normalisation.
+
+With several checkpoints (`ckpt_paths=[A,B]`, `sweep_dir=DIR top_k=3`) or `tta=...`, every
+single model, with and without TTA, and their ensemble are scored on the same test images, side
+by side (`comparison` in the JSON, and a table); `metrics` is the combination asked for. Each
+member is fed by its own evaluation pipeline. Members of one k-fold series share their test split
+(it is carved before the folds), so fold ensembles compare on the same images.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from rich.table import Table
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix, multiclass_f1_score
 
 from lightning_project.data import create_datamodule
 from lightning_project.errors import UserError
+from lightning_project.inference import checkpoint_paths, tta
+from lightning_project.inference.predictor import pick_device
 from lightning_project.models import load_checkpoint
 from lightning_project.models.checkpoints import warn_if_split_changed
 from lightning_project.models.classifier import CHECKPOINT_KEY
@@ -57,15 +69,98 @@ def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None):
     return datamodule
 
 
+def _scores(probabilities: torch.Tensor, labels: torch.Tensor) -> dict:
+    classes = probabilities.shape[1]
+    predicted = probabilities.argmax(dim=1)
+    return {
+        "test/acc": float(multiclass_accuracy(predicted, labels, classes, average="micro")),
+        "test/f1": float(multiclass_f1_score(predicted, labels, classes, average="macro")),
+        "test/loss": float(torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels)),
+    }
+
+
+def compare(cfg: DictConfig, sources: list[tuple[str, Path]]) -> dict:
+    """Single models (with and without TTA) and their ensemble, scored on the test split."""
+    mode, device = tta.check_mode(cfg.tta), pick_device(cfg.device)
+    loaded = [load_checkpoint(path, "cpu", where) for where, path in sources]
+    names = [m.hparams.class_names for m, _ in loaded]
+    for (where, path), classes in zip(sources[1:], names[1:]):
+        if classes != names[0]:
+            raise UserError(f"{where}={path}: trained for classes {classes}, but {sources[0][1]} for {names[0]}; "
+                            "an ensemble needs checkpoints of the same classes")
+    datamodules: dict[str, object] = {}  # members of one data set and pipeline share one (k folds: same test split)
+    labels, rows, probs = None, [], {"none": [], mode: []}
+    for (where, path), (module, checkpoint) in zip(sources, loaded):
+        stored = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items()
+                  if k not in ("fold", "num_folds")}
+        key = json.dumps([checkpoint[CHECKPOINT_KEY].get("datamodule_target"), stored], sort_keys=True, default=str)
+        if key not in datamodules:
+            datamodules[key] = datamodule_for(checkpoint, cfg.get("data"))
+        datamodule = datamodules[key]
+        datamodule.setup("test")
+        module.to(device)
+        batches: dict[str, list] = {m: [] for m in probs}
+        ys = []
+        with torch.inference_mode():
+            for x, y in datamodule.test_dataloader():
+                ys.append(y)
+                for m in probs:
+                    batches[m].append(tta.average_probabilities(module, x.to(device), m).cpu())
+        y = torch.cat(ys)
+        if labels is None:
+            labels = y
+        elif not torch.equal(labels, y):
+            raise UserError(f"{where}={path}: its test split differs from that of {sources[0][1]} (other data, seed "
+                            "or test_fraction); an ensemble is evaluated on one test split")
+        member = Path(path).parent.parent.name if Path(path).parent.name == "checkpoints" else Path(path).stem
+        for m in probs:
+            probs[m].append(torch.cat(batches[m]))
+            rows.append({"model": member, "checkpoint": str(path), "tta": m, **_scores(probs[m][-1], labels)})
+        module.cpu()
+    if len(sources) > 1:
+        for m in probs:
+            rows.append({"model": f"ensemble of {len(sources)}", "checkpoint": None, "tta": m,
+                         **_scores(torch.stack(probs[m]).mean(dim=0), labels)})
+    chosen = torch.stack(probs[mode]).mean(dim=0)
+    confusion = multiclass_confusion_matrix(chosen.argmax(dim=1), labels, chosen.shape[1]).cpu()
+    return {"rows": rows, "headline": rows[-1], "confusion": confusion, "classes": names[0],
+            "split_sizes": datamodule.counts}
+
+
+def print_comparison(rows: list[dict]) -> None:
+    table = Table(title="test split: single models and ensemble")
+    for column in ("model", "tta", "acc", "f1", "loss"):
+        table.add_column(column, justify="left" if column in ("model", "tta") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["tta"], f"{r['test/acc']:.4f}", f"{r['test/f1']:.4f}", f"{r['test/loss']:.4f}")
+    runtime.console().print(table)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     runtime.setup(cfg.seed, cfg.matmul_precision)
     out = Path(HydraConfig.get().runtime.output_dir)
-    module, checkpoint = load_checkpoint(cfg.ckpt_path)
+    sources = checkpoint_paths(cfg.get("ckpt_path"), plain(cfg.get("ckpt_paths")), cfg.get("sweep_dir"), cfg.top_k)
+    tta.check_mode(cfg.tta)
+    if len(sources) > 1 or cfg.tta != "none":
+        result = compare(cfg, sources)
+        print_comparison(result["rows"])
+        headline = result["headline"]
+        report = {
+            "checkpoints": [str(p) for _, p in sources],
+            "tta": cfg.tta,
+            "metrics": {k: v for k, v in headline.items() if k.startswith("test/")},
+            "comparison": result["rows"],
+            "classes": result["classes"],
+            "split_sizes": result["split_sizes"],
+            "per_class": summary.per_class(result["confusion"], result["classes"]),
+        }
+        return _write(cfg, out, report, result["confusion"], result["classes"])
+    module, checkpoint = load_checkpoint(sources[0][1])
     datamodule = datamodule_for(checkpoint, cfg.get("data"))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, _convert_="all")
     results = trainer.test(module, datamodule=datamodule)[0]
     report = {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "checkpoint": str(Path(sources[0][1]).resolve()),
         "metrics": {k: float(v) for k, v in results.items()},
         "model": module.hparams.model_name,
         "classes": module.hparams.class_names,
@@ -74,10 +169,14 @@ def evaluate(cfg: DictConfig) -> dict:
         if module.confusion is not None else None,
         "pretrained": {"used": module.weights_source.used, "source": module.weights_source.source},
     }
+    return _write(cfg, out, report, module.confusion, module.hparams.class_names)
+
+
+def _write(cfg: DictConfig, out: Path, report: dict, confusion, classes: list[str]) -> dict:
     path = Path(cfg.output) if cfg.get("output") else out / "metrics.json"
     summary.write_json(path, report)
-    if module.confusion is not None:
-        summary.plot_confusion(module.confusion, module.hparams.class_names, out / "confusion_matrix.png")
+    if confusion is not None:
+        summary.plot_confusion(confusion, classes, out / "confusion_matrix.png")
     log.info("test metrics written to %s", path)
     return report
 

@@ -214,7 +214,7 @@ def train(cfg: DictConfig) -> float | None:
     metrics.update({k: float(v) for k, v in results[0].items()})
     value = _optimized_value(cfg, trainer, metrics)
     report = {
-        "optimized_metric": {"name": cfg.optimized_metric, "value": value},
+        "optimized_metric": {"name": cfg.optimized_metric, "mode": cfg.optimized_mode, "value": value},
         "metrics": metrics,
         "best_checkpoint": best,
         "best_score": float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None,

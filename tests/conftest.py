@@ -97,3 +97,22 @@ def compose_train(overrides: list[str], run_dir: Path, name: str = "train"):
         del cfg["hydra"]  # as the task function sees it
     OmegaConf.resolve(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """Three colour classes of 12 PNGs each (40 px)."""
+    return make_image_folder(tmp_path_factory.mktemp("photos") / "images", per_class=12)
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory, photo_folder, env) -> Path:
+    """A real two-run grid sweep (`train -m optim.lr=0.02,0.05`) of ResNet-18 on the colour folders:
+    the sweep directory that ensembles, evaluate, predict, serve and the sweep notebook read."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
+    run_command(
+        "train", "-m", "data=imagefolder", f"data.root={photo_folder}", "augment.image_size=32", "data.batch_size=8",
+        "data.num_workers=0", "trainer.max_epochs=2", "optim.lr=0.02,0.05", f"hydra.sweep.dir={sweep_dir}", *FAST,
+        env=env, cwd=sweep_dir.parent,
+    )
+    return sweep_dir

@@ -1,13 +1,11 @@
-"""The README's promises: the default command, the debug modes, determinism, the notebook."""
+"""The README's promises: the default command, the debug modes, determinism."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, compose_train, metrics, train
+from conftest import compose_train, metrics, train
 
 from lightning_project.train import train as train_function
 
@@ -72,14 +70,6 @@ def test_deterministic_swaps_the_pooling_that_has_no_deterministic_cuda_kernel(t
     kinds = {type(m) for m in module.net.modules()}
     assert (DeterministicAdaptiveAvgPool2d in kinds) is deterministic
     assert (nn.AdaptiveAvgPool2d in kinds) is not deterministic
-
-
-def test_notebook_runs_top_to_bottom(tmp_path, env):
-    notebook = json.loads((ROOT / "notebooks" / "finetune_and_reload.ipynb").read_text())
-    code = "\n\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test accuracy: trainer" in proc.stdout
 
 
 @pytest.mark.parametrize(
