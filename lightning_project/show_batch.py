@@ -20,7 +20,7 @@ from lightning_project.errors import UserError
 from lightning_project.models.backbones import normalization
 from lightning_project.train import build_datamodule, run_dir
 from lightning_project.utils import runtime
-from lightning_project.utils.summary import plt
+from lightning_project.utils.summary import subplots
 
 log = logging.getLogger("lightning_project")
 
@@ -38,8 +38,7 @@ def label_text(target: torch.Tensor, classes: list[str]) -> str:
 def plot_batch(images: torch.Tensor, titles: list[str], mean, std, columns: int, path: Path) -> None:
     pixels = (images.float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
     rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, pixels, titles):
@@ -47,7 +46,6 @@ def plot_batch(images: torch.Tensor, titles: list[str], mean, std, columns: int,
         ax.set_title(title, fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def show_batch(cfg: DictConfig) -> tuple[Path, list[str]]:

@@ -86,7 +86,7 @@ def check_files(paths: list[str], workers: int = 1, progress: bool = True) -> di
     (Pillow releases the GIL while decoding) behind a progress bar."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress or None, leave=False)
     bad: dict[str, str] = {}

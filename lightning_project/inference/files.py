@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto would need ipywidgets in notebooks
 
 from lightning_project.data.images import load_image
 from lightning_project.inference.predictor import Predictor, Preprocess, top_classes

@@ -26,7 +26,7 @@ from lightning_fabric import Fabric
 from lightning_project.models import ClassifierModule
 from lightning_project.tuning.options import InitialLoss, OverfitBatch
 from lightning_project.tuning.report import CheckResult
-from lightning_project.utils.summary import plt
+from lightning_project.utils.summary import subplots
 
 
 def initial_loss(fabric: Fabric, module: ClassifierModule, train_loader, options: InitialLoss) -> CheckResult:
@@ -125,7 +125,7 @@ def overfit_batch(
 
 
 def plot_overfit(curve: list[float], target: float, lr: float, batch_size: int, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = subplots(figsize=(6, 4))
     finite = [(k, v) for k, v in enumerate(curve) if math.isfinite(v) and v > 0]
     if finite:
         ax.plot(*zip(*finite), "o-", markersize=3, label="cross-entropy on the batch")
@@ -137,4 +137,3 @@ def plot_overfit(curve: list[float], target: float, lr: float, batch_size: int, 
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

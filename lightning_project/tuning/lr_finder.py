@@ -26,7 +26,7 @@ from lightning_fabric import Fabric
 from lightning_project.models import ClassifierModule
 from lightning_project.tuning.options import LRFinder
 from lightning_project.tuning.report import CheckResult
-from lightning_project.utils.summary import plt
+from lightning_project.utils.summary import subplots
 
 
 @dataclass
@@ -111,7 +111,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[int | None, int | 
 
 
 def plot(result: Sweep, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 4.5))
     ax.plot(result.base_lrs, result.losses, color="tab:blue", alpha=0.3, label="loss")
     ax.plot(result.base_lrs, result.smoothed, color="tab:blue", label="smoothed")
     if result.suggestion is not None:
@@ -132,7 +132,6 @@ def plot(result: Sweep, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower left")  # the loss starts high on the left: that corner stays empty
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def check(

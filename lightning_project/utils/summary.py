@@ -7,10 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def _number(value: Any) -> Any:
@@ -38,9 +35,16 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(jsonable(data), indent=2, default=_number, allow_nan=False) + "\n")
 
 
+def subplots(rows: int = 1, columns: int = 1, **options):
+    """A figure and its axes, outside pyplot: written to files only, so no backend is switched and a
+    notebook's inline plots keep working, and nothing stays in pyplot's figure registry."""
+    fig = Figure(figsize=options.pop("figsize", None), layout="constrained")
+    return fig, fig.subplots(rows, columns, **options)
+
+
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     """Train and validation loss and accuracy by epoch, side by side; the gap shows overfitting."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     epochs = [int(row["epoch"]) + 1 for row in history]
     for ax, metric in zip(axes, ("loss", "acc")):
         for split, style in (("train", "o-"), ("val", "s-")):
@@ -56,7 +60,6 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def per_class(matrix, class_names: list[str]) -> dict[str, dict[str, float | int]]:
@@ -87,7 +90,7 @@ def plot_confusion(matrix, class_names: list[str], path: Path) -> None:
     n = len(class_names)
     shares = [[v / (sum(row) or 1) for v in row] for row in matrix]
     size = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(size + 1, size * 0.9), constrained_layout=True)
+    fig, ax = subplots(figsize=(size + 1, size * 0.9))
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90 if n > 10 else 0)
     labels = [f"{c} ({shares[i][i]:.0%} of {sum(matrix[i])})" for i, c in enumerate(class_names)]
@@ -100,4 +103,3 @@ def plot_confusion(matrix, class_names: list[str], path: Path) -> None:
                 ax.text(j, i, v, ha="center", va="center", fontsize=8, color="white" if shares[i][j] > 0.5 else "black")
     ax.set_title("confusion matrix (test; colour = share of the true class)")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
