@@ -45,7 +45,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _upright(image: Image.Image) -> Image.Image:
+def upright(image: Image.Image) -> Image.Image:
     """`image` (already decoded) turned as its EXIF orientation says."""
     try:
         return ImageOps.exif_transpose(image)
@@ -57,7 +57,7 @@ def load_image(path: str | Path) -> Image.Image:
     """The image at `path`, upright, as RGB. Decoded in full first, so a broken file raises here."""
     with Image.open(path) as im:
         im.load()
-        return to_rgb(_upright(im))
+        return to_rgb(upright(im))
 
 
 def check_image(path: str | Path) -> str | None:
