@@ -38,23 +38,26 @@ from lightning_project.utils.config import plain
 log = logging.getLogger("lightning_project")
 
 
-def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None):
+def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None, where: str = "ckpt_path", path=None):
+    """The checkpoint's own data module (same split), or `data_cfg`'s images through the checkpoint's
+    evaluation pipeline; their classes must be the checkpoint's."""
     stored = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     target = checkpoint[CHECKPOINT_KEY].get("datamodule_target")
     if data_cfg is None:
         if not target or not stored:
             raise UserError(
-                "the checkpoint does not record its data module; pass data=... (e.g. data=imagefolder data.root=DIR)"
+                f"{where}={path}: the checkpoint does not record its data module; pass data=... "
+                "(e.g. data=imagefolder data.root=DIR)"
             )
         datamodule = create_datamodule(target, **stored)
-        warn_if_split_changed(checkpoint, datamodule.class_counts, "ckpt_path")
+        warn_if_split_changed(checkpoint, datamodule.class_counts, path)
         return datamodule
     kwargs = plain(data_cfg)
     target = kwargs.pop("_target_")
     hp = checkpoint["hyper_parameters"]
     kwargs.update(  # how the network expects its inputs comes from the checkpoint, not the data config
         image_size=hp["image_size"],
-        num_classes=hp["num_classes"],
+        num_classes=None,  # compared below, naming the checkpoint
         eval_transforms=stored.get("eval_transforms"),
         train_transforms=stored.get("eval_transforms"),
         mean=hp["mean"],
@@ -63,8 +66,8 @@ def datamodule_for(checkpoint: dict, data_cfg: DictConfig | None):
     datamodule = create_datamodule(target, **kwargs)
     if datamodule.classes != list(hp["class_names"]):
         raise UserError(
-            f"data: classes {datamodule.classes} differ from the checkpoint's {hp['class_names']}; "
-            "evaluate on data with the same class folders"
+            f"{where}={path}: trained for the {hp['num_classes']} classes {hp['class_names']}, the data holds "
+            f"{len(datamodule.classes)}: {datamodule.classes}; evaluate on data with the same class folders"
         )
     return datamodule
 
@@ -89,13 +92,13 @@ def compare(cfg: DictConfig, sources: list[tuple[str, Path]]) -> dict:
             raise UserError(f"{where}={path}: trained for classes {classes}, but {sources[0][1]} for {names[0]}; "
                             "an ensemble needs checkpoints of the same classes")
     datamodules: dict[str, object] = {}  # members of one data set and pipeline share one (k folds: same test split)
-    labels, rows, probs = None, [], {"none": [], mode: []}
+    labels, first_split, rows, probs = None, None, [], {"none": [], mode: []}
     for (where, path), (module, checkpoint) in zip(sources, loaded):
         stored = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items()
                   if k not in ("fold", "num_folds")}
         key = json.dumps([checkpoint[CHECKPOINT_KEY].get("datamodule_target"), stored], sort_keys=True, default=str)
         if key not in datamodules:
-            datamodules[key] = datamodule_for(checkpoint, cfg.get("data"))
+            datamodules[key] = datamodule_for(checkpoint, cfg.get("data"), where, path)
         datamodule = datamodules[key]
         datamodule.setup("test")
         module.to(device)
@@ -106,12 +109,12 @@ def compare(cfg: DictConfig, sources: list[tuple[str, Path]]) -> dict:
                 ys.append(y)
                 for m in probs:
                     batches[m].append(tta.average_probabilities(module, x.to(device), m).cpu())
-        y = torch.cat(ys)
-        if labels is None:
-            labels = y
-        elif not torch.equal(labels, y):
-            raise UserError(f"{where}={path}: its test split differs from that of {sources[0][1]} (other data, seed "
-                            "or test_fraction); an ensemble is evaluated on one test split")
+        split = datamodule.fingerprint("test")  # the images themselves, in order: labels alone match across seeds
+        if first_split is None:
+            labels, first_split = torch.cat(ys), split
+        elif split != first_split:
+            raise UserError(f"{where}={path}: its test split holds other images than that of {sources[0][1]} (other "
+                            "data, data.seed or data.test_fraction); an ensemble is evaluated on one test split")
         member = Path(path).parent.parent.name if Path(path).parent.name == "checkpoints" else Path(path).stem
         for m in probs:
             probs[m].append(torch.cat(batches[m]))
@@ -155,8 +158,8 @@ def evaluate(cfg: DictConfig) -> dict:
             "per_class": summary.per_class(result["confusion"], result["classes"]),
         }
         return _write(cfg, out, report, result["confusion"], result["classes"])
-    module, checkpoint = load_checkpoint(sources[0][1])
-    datamodule = datamodule_for(checkpoint, cfg.get("data"))
+    module, checkpoint = load_checkpoint(sources[0][1], where=sources[0][0])
+    datamodule = datamodule_for(checkpoint, cfg.get("data"), *sources[0])
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, _convert_="all")
     results = trainer.test(module, datamodule=datamodule)[0]
     report = {

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_project.errors import UserError
-from lightning_project.inference.exporting import FORMATS, export_model, verify
+from lightning_project.inference.exporting import FORMATS, checkpoint_reference, export_model, verify
 from lightning_project.predict import load_predictor
 from lightning_project.utils import runtime
 
@@ -39,17 +39,24 @@ def export(cfg: DictConfig) -> Path:
     path = Path(cfg.output) if cfg.get("output") else out_dir / f"model{FORMATS[fmt]}"
     if fmt == "pt2" and path.suffix != ".pt2":  # torch.export.load refuses other names
         raise UserError(f"output={path}: a pt2 program must be saved under a name ending in .pt2")
+    meta = path.with_suffix(".json")
+    if meta == path or path.is_dir():
+        raise UserError(f"output={path}: give a model file name (e.g. model{FORMATS[fmt]}); <name>.json is written "
+                        "beside it")
     predictor = load_predictor(cfg)
     log.info("exporting %s (tta=%s) to %s", predictor.metadata()["model_name"], predictor.tta, path)
-    reference = export_model(predictor, path, fmt, cfg.get("opset"))
+    leftovers = (path, path.with_name(path.name + ".data"), meta)
+    for old in leftovers:  # an earlier export here must not outlive a failed one
+        old.unlink(missing_ok=True)
     try:
-        check = verify(path, fmt, reference, float(cfg.tolerance))
+        model = export_model(predictor, path, fmt, cfg.get("opset"))
+        check = verify(path, fmt, checkpoint_reference(predictor), model.image_size, float(cfg.tolerance))
     except Exception:
-        for leftover in (path, path.with_name(path.name + ".data")):
+        for leftover in leftovers:
             leftover.unlink(missing_ok=True)  # an export that does not match is never left behind
         raise
     info = predictor.metadata()
-    size = reference.image_size
+    size = model.image_size
     sidecar = {
         "format": fmt,
         "file": path.name,
@@ -64,7 +71,6 @@ def export(cfg: DictConfig) -> Path:
         "torch": torch.__version__,
         "opset": cfg.get("opset"),
     }
-    meta = path.with_suffix(".json")
     meta.write_text(json.dumps(sidecar, indent=2) + "\n")
     log.info("verified (largest difference %.2g <= %g); wrote %s and %s", check["max_abs_diff"], check["tolerance"],
              path, meta)

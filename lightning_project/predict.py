@@ -42,11 +42,13 @@ def predict(cfg: DictConfig) -> list[dict]:
     runtime.quiet_library_noise()
     batch_size, top_k = positive(cfg, "batch_size"), positive(cfg, "top_classes")
     paths = expand_inputs(plain(cfg.input))  # before any model is read
+    out = Path(cfg.output) if cfg.get("output") else Path(HydraConfig.get().runtime.output_dir) / "predictions.csv"
+    if out.is_dir():
+        raise UserError(f"output={out}: a folder; give a file name ending in .csv or .json")
     predictor = load_predictor(cfg)
     workers = min(resolve_workers(cfg.num_workers), math.ceil(len(paths) / batch_size))
     log.info("predicting %d images with %s on %s", len(paths), predictor.metadata()["model_name"], predictor.device)
     rows = predict_files(predictor, paths, batch_size, workers, top_k, cfg.progress)
-    out = Path(cfg.output) if cfg.get("output") else Path(HydraConfig.get().runtime.output_dir) / "predictions.csv"
     write_predictions(rows, out, top_k)
     failed = [r for r in rows if r["error"]]
     if failed:

@@ -17,14 +17,21 @@ import logging
 import socket
 
 import hydra
-import uvicorn
 from omegaconf import DictConfig
 
 from lightning_project.errors import UserError
 from lightning_project.predict import load_predictor
-from lightning_project.serving import Settings, check_settings, create_app
 from lightning_project.utils import runtime
 from lightning_project.utils.config import plain
+
+try:
+    import uvicorn
+
+    from lightning_project.serving import Settings, check_settings, create_app
+except ImportError as e:  # the deploy extra is not installed: one line with the fix, when serve runs
+    MISSING = e
+else:
+    MISSING = None
 
 log = logging.getLogger("lightning_project")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -82,6 +89,9 @@ def check_address(host: str, port: int) -> None:
 
 def serve(cfg: DictConfig) -> None:
     runtime.quiet_library_noise()
+    if MISSING is not None:
+        raise UserError(f"serve needs FastAPI, uvicorn and python-multipart ({MISSING}); "
+                        "pip install 'lightning_project[deploy]'")
     settings, host, port, level = server_settings(cfg)  # before the model loads
     check_address(host, port)
     predictor = load_predictor(cfg)

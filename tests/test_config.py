@@ -79,3 +79,12 @@ def test_evaluate_config_takes_data_from_the_checkpoint_unless_given(tmp_path):
     assert cfg.get("data") is None
     cfg = compose_train(["ckpt_path=x.ckpt", "data=imagefolder", "data.root=/x"], tmp_path, name="evaluate")
     assert cfg.data.root == "/x"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "serve"])
+def test_after_training_commands_share_the_checkpoint_keys(command, tmp_path):
+    overrides = ["ckpt_paths=[a.ckpt,b.ckpt]", "tta=flip", "top_k=2"] + (["input=x"] if command == "predict" else [])
+    cfg = compose_train(overrides, tmp_path, name=command)
+    assert list(cfg.ckpt_paths) == ["a.ckpt", "b.ckpt"] and cfg.tta == "flip" and cfg.top_k == 2
+    assert cfg.ckpt_path is None and cfg.sweep_dir is None
+    assert cfg.device == ("cpu" if command == "export" else "auto")  # export verifies on the CPU

@@ -145,11 +145,39 @@ def test_evaluate_puts_single_models_tta_and_ensemble_side_by_side(tmp_path, swe
     assert sum(report["split_sizes"].values()) == 36 and len(report["per_class"]) == 3
 
 
-def _edited(source: Path, target: Path, **hparams) -> Path:
+def _edited(source: Path, target: Path, data: dict | None = None, **hparams) -> Path:
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"].update(hparams)
+    checkpoint["datamodule_hyper_parameters"].update(data or {})
     torch.save(checkpoint, target)
     return target
+
+
+def test_ensemble_members_must_share_the_test_images(tmp_path, ckpts):
+    """Labels alone would match (stratified splits of class-sorted files): the images are compared."""
+    reseeded = _edited(ckpts[1], tmp_path / "seed7.ckpt", data={"seed": 7})
+    cfg = compose_train([f"ckpt_paths=[{ckpts[0]},{reseeded}]", "device=cpu"], tmp_path, name="evaluate")
+    with pytest.raises(UserError, match=rf"ckpt_paths\[1\]={reseeded}: its test split holds other images than that"):
+        evaluate(cfg)
+
+
+def test_sweep_ranking_follows_each_runs_mode_and_skips_failed_runs(tmp_path):
+    from lightning_project.inference import best_runs
+
+    for name, loss, has_checkpoint in (("0", 0.9, True), ("1", 0.3, True), ("2", 0.1, False), ("3", 0.5, True)):
+        run = tmp_path / "sweep" / name
+        (run / "checkpoints").mkdir(parents=True)
+        ckpt = run / "checkpoints" / "best.ckpt"
+        if has_checkpoint:
+            ckpt.write_bytes(b"x")
+        report = {"optimized_metric": {"name": "val/loss", "mode": "min", "value": loss},
+                  "best_checkpoint": f"/moved/elsewhere/{name}/checkpoints/best.ckpt"}  # found in the run itself
+        (run / "metrics.json").write_text(json.dumps(report))
+    (tmp_path / "sweep" / "4" / ".hydra").mkdir(parents=True)  # started, never reported
+    (tmp_path / "sweep" / "4" / ".hydra" / "overrides.yaml").write_text("- optim.lr=1\n")
+    assert [r.path.name for r in best_runs(tmp_path / "sweep", 2)] == ["1", "3"]  # 2 has no checkpoint, 4 no score
+    with pytest.raises(UserError, match="a single run directory, not a sweep; use ckpt_path="):
+        best_runs(tmp_path / "sweep" / "0", 1)
 
 
 class NotATensor:
@@ -184,7 +212,8 @@ def test_checkpoints_load_safely_or_fail_naming_the_file(tmp_path, ckpts):
     assert not module.training
 
 
-@pytest.mark.parametrize("fmt, members, mode", [("onnx", 1, "none"), ("torchscript", 2, "flip"), ("pt2", 1, "none")])
+@pytest.mark.parametrize("fmt, members, mode",
+                         [("onnx", 1, "five_crop"), ("torchscript", 2, "flip"), ("pt2", 1, "none")])
 def test_export_runs_in_its_runtime_like_the_checkpoint(tmp_path, ckpts, inputs, fmt, members, mode):
     chosen = [str(c) for c in ckpts[:members]]
     suffix = exporting.FORMATS[fmt]
@@ -230,4 +259,9 @@ def test_ensemble_of_different_input_sizes_cannot_share_one_graph(tmp_path, ckpt
     assert len(predictor.preprocess.pipelines) == 2  # predict feeds each member its own size ...
     assert torch.isfinite(probabilities(predictor, expand_inputs(inputs / "sub" / "cat"))).all()
     with pytest.raises(UserError, match=r"members take different input sizes \[32, 48\]"):  # ... one graph cannot
+        exporting.Deployable(predictor)
+    wider = {"resize": {"_target_": "Resize", "size": 40}, "crop": {"_target_": "CenterCrop", "size": 32}}
+    recropped = _edited(ckpts[1], tmp_path / "recropped.ckpt", data={"eval_transforms": wider})
+    predictor = Predictor.load(checkpoint_paths(ckpt_paths=[str(ckpts[0]), str(recropped)]), device="cpu")
+    with pytest.raises(UserError, match="the members resize and crop differently"):
         exporting.Deployable(predictor)

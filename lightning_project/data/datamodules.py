@@ -173,6 +173,20 @@ class ImageDataModule(pl.LightningDataModule):
             "counts": self.class_counts,
         }
 
+    def fingerprint(self, split: str) -> str:
+        """A digest of the split's items (file paths, or the image tensors) and labels, in order: two
+        data modules with equal fingerprints feed the same images (compared before averaging models)."""
+        import hashlib
+
+        assert self._items is not None
+        items, labels = self._items[split]
+        digest = hashlib.sha1(np.ascontiguousarray(labels).tobytes())
+        if torch.is_tensor(items):
+            digest.update(items.contiguous().numpy().tobytes())
+        else:
+            digest.update("\n".join(map(str, items)).encode())
+        return digest.hexdigest()
+
     def check_transforms(self) -> None:
         """Run both pipelines on one training image: a transform that accepts its arguments but fails
         on an image (a wrong size type, an op that needs a float tensor before normalisation) fails now,

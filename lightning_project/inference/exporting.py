@@ -8,12 +8,14 @@ model with the class names). Every export is verified against the checkpoint bef
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.transforms.v2 import functional as F
 
 from lightning_project.errors import UserError
 from lightning_project.inference import tta
@@ -32,6 +34,9 @@ class Deployable(nn.Module):
         if len(sizes) > 1:
             raise UserError(f"ckpt_paths: the members take different input sizes {sorted(sizes)}; one exported graph "
                             "has one input size, so export them separately (or ensemble members of one size)")
+        if len({json.dumps(s["transforms"], sort_keys=True) for s in predictor.specs}) > 1:
+            raise UserError("ckpt_paths: the members resize and crop differently (their eval_transforms differ); the "
+                            "graph's one input cannot suit both, so export them separately")
         self.image_size = sizes.pop()
         self.tta = predictor.tta
         self.nets = nn.ModuleList(m.module.net.cpu().eval() for m in predictor.members)
@@ -73,7 +78,7 @@ def _pt2(model: Deployable, example: torch.Tensor, path: Path) -> None:
 
 
 def export_model(predictor: Predictor, path: Path, fmt: str, opset: int | None = None) -> Deployable:
-    """Write the deployable graph of `predictor` to `path` in format `fmt`; returns the reference module."""
+    """Write the deployable graph of `predictor` to `path` in format `fmt`; returns the module exported."""
     if fmt not in FORMATS:
         raise UserError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
     model = Deployable(predictor).eval()
@@ -115,12 +120,22 @@ def _load(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: module(x)
 
 
-def verify(path: Path, fmt: str, reference: nn.Module, tolerance: float, seed: int = 0) -> dict:
-    """Largest absolute difference of probabilities between the export and `reference` on random
-    images at batch sizes VERIFY_BATCHES; a UserError when it exceeds `tolerance`."""
+def checkpoint_reference(predictor: Predictor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What an export must reproduce for images in [0, 1]: the predictor's own probabilities (each
+    member's normalisation, TTA views and averaging, through its checkpoint's module), a code path
+    independent of `Deployable`."""
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        return predictor.probabilities(tuple(F.normalize(x, s["mean"], s["std"]) for s in predictor.specs))
+
+    return probabilities
+
+
+def verify(path: Path, fmt: str, reference: Callable[[torch.Tensor], torch.Tensor], size: int, tolerance: float,
+           seed: int = 0) -> dict:
+    """Largest absolute difference of probabilities between the export, run by its own runtime, and
+    `reference` on random images at batch sizes VERIFY_BATCHES; a UserError above `tolerance`."""
     run = runner(path, fmt)
     generator = torch.Generator().manual_seed(seed)
-    size = reference.image_size
     worst = 0.0
     with torch.no_grad():
         for n in VERIFY_BATCHES:

@@ -38,7 +38,8 @@ def pick_device(device: str) -> torch.device:
         chosen = torch.device(device)
         torch.empty(0, device=chosen)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"device={device!r}: not usable here ({str(e).splitlines()[0]}); use device=auto or cpu") from None
+        reason = str(e).splitlines()[0]
+        raise UserError(f"device={device!r}: not usable here ({reason}); use device=auto or cpu") from None
     return chosen
 
 
@@ -118,6 +119,7 @@ class Predictor:
     def load(cls, sources: list[tuple[str, Path]], tta_mode: str = "none", device: str = "auto") -> Predictor:
         """From `checkpoint_paths(...)`: every checkpoint read with weights_only=True, classes compared."""
         tta.check_mode(tta_mode)
+        pick_device(device)  # a wrong device fails before the checkpoints are read
         members, specs = [], []
         for where, path in sources:
             module, checkpoint = load_checkpoint(path, "cpu", where)

@@ -50,8 +50,8 @@ def read_run(run_dir: str | Path) -> Run:
     mode = optimized.get("mode") or ("min" if name and "loss" in name else "max")
     best = report.get("best_checkpoint")
     best_path = Path(best) if best else None
-    if best_path is not None and not best_path.is_absolute():
-        best_path = run_dir / best_path
+    if best_path is not None and not best_path.is_file():  # a sweep copied or moved since: look in the run itself
+        best_path = run_dir / "checkpoints" / best_path.name
     return Run(run_dir, _overrides(run_dir), name, mode, optimized.get("value"), best_path, report)
 
 
@@ -59,8 +59,13 @@ def find_runs(sweep_dir: str | Path, where: str = "sweep_dir") -> list[Run]:
     """Every run directory below `sweep_dir` (those holding `.hydra/` or `metrics.json`), in order."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise UserError(f"{where}={sweep_dir}: no such directory; give the folder of a multirun (logs/train/multiruns/<time>)")
-    dirs = {p.parent for p in sweep_dir.rglob("metrics.json")} | {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+        raise UserError(f"{where}={sweep_dir}: no such directory; give the folder of a multirun "
+                        "(logs/train/multiruns/<time>)")
+    dirs = {p.parent for p in sweep_dir.rglob("metrics.json")}
+    dirs |= {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    if (sweep_dir / "metrics.json").is_file():
+        raise UserError(f"{where}={sweep_dir}: a single run directory, not a sweep; use "
+                        f"ckpt_path=<its checkpoints/best-*.ckpt> for one model")
     dirs.discard(sweep_dir)  # the sweep's own .hydra (multirun.yaml) is not a run
     if not dirs:
         raise UserError(f"{where}={sweep_dir}: no run directories (none holds metrics.json); is it a sweep directory?")

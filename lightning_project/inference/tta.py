@@ -2,9 +2,11 @@
 
 Views are made from the batch the evaluation pipeline produced (network input size, normalised),
 on the device, in the graph: the same function serves predict, evaluate, serve and export.
-five_crop/ten_crop take torchvision's evaluation ratio (crop = 0.875 of the resized side): the
-batch is enlarged by 1/0.875 and the four corners and the centre cut at the input size, so every
-view shows the whole object scale the network was trained at, as FiveCrop after a larger Resize does.
+five_crop: that batch enlarged by 1/0.875 (torchvision's evaluation crop ratio), then its centre
+and four corners cut at the input size: five views zoomed 1.14x, each covering 87.5% of the
+evaluated image's side (the plain view is not among them); ten_crop adds their mirror images.
+Working on the evaluated batch keeps one pipeline per checkpoint and lets export put the views
+inside the graph; the price is that corners never reach beyond the evaluation crop.
 """
 
 from __future__ import annotations

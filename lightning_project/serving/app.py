@@ -34,7 +34,7 @@ import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 
@@ -212,7 +212,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:  # Pillow's own, far higher limit
         raise ApiError(413, f"the image has more than {max_pixels:,} pixels: resize it before sending") from None
-    except UnidentifiedImageError:
+    except Exception:  # UnidentifiedImageError, or a malformed header Pillow trips over
         raise ApiError(400, "the file is not an image Pillow can read: send a JPEG, PNG, WebP, BMP, GIF or TIFF "
                             "file") from None
     width, height = im.size

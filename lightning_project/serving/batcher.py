@@ -5,8 +5,9 @@ close together are gathered: the first waits at most `timeout_s` for others (or 
 `max_batch_size` are there), then the whole batch goes through `fn` at once. `fn` runs in ONE
 worker thread, so the event loop stays free to accept requests and torch runs one batch at a
 time (two concurrent forward passes would only fight over the same cores). While a batch runs,
-the next one gathers. The waiting line is bounded: past `max_queue` waiting items `submit`
-raises `Busy` at once, which a server turns into 503, instead of memory growing until it dies.
+new requests queue up and go together as soon as it ends. The waiting line is bounded: past
+`max_queue` waiting items `submit` raises `Busy` at once, which a server turns into 503,
+instead of memory growing until it dies.
 
 Generic on purpose (items and results are whatever `fn` takes and gives): it knows nothing of
 images, HTTP or torch, and is tested on its own.
