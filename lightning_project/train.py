@@ -18,10 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
-from lightning_project.callbacks import EpochHistory
+from lightning_project.callbacks import AtomicCheckpointIO, EpochHistory, RandomStateInCheckpoint
 from lightning_project.data import ImageDataModule, create_datamodule, sampling
 from lightning_project.data.feature_cache import FeatureCache
 from lightning_project.errors import UserError
@@ -75,8 +76,8 @@ def loss_weights(cfg: DictConfig, datamodule: ImageDataModule) -> list[float] | 
     return sampling.class_weights(counts, setting)
 
 
-def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std) -> ClassifierModule:
-    resuming = cfg.get("ckpt_path") is not None
+def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std, resuming: bool = False) -> ClassifierModule:
+    resuming = resuming or cfg.get("ckpt_path") is not None
     module = ClassifierModule(
         model_name=cfg.model.name,
         num_classes=len(datamodule.classes),
@@ -98,6 +99,30 @@ def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std) -> Cla
     if cfg.trainer.get("deterministic"):
         make_pooling_deterministic(module.net)
     return module
+
+
+def resume_from(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to continue from: `ckpt_path`, or with resume=auto this run directory's last.ckpt.
+    Without either, a run directory that already holds a run is refused rather than overwritten."""
+    mode = cfg.get("resume")
+    if mode not in (None, False, "auto"):
+        raise UserError(f"resume={mode!r}: use resume=auto (continue this run directory's last.ckpt) or null")
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    # Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt in the run directory on its signal: take the newest
+    found = [p for p in (last, *out.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    if mode == "auto":
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            log.info("resume=auto: continuing from %s", newest)
+            return str(newest)
+        log.info("resume=auto: no %s yet, starting afresh", last)
+        return None
+    if rank_zero_only.rank == 0 and (found or (out / "metrics.json").is_file()):
+        raise UserError(f"hydra.run.dir={out} already holds a run; rerun with resume=auto to continue it, or choose "
+                        "another hydra.run.dir (the default is a new time-stamped folder)")
+    return None
 
 
 def print_groups(module: ClassifierModule, console: Console) -> None:
@@ -130,12 +155,14 @@ def _instantiate_all(section: DictConfig | None, what: str) -> list:
 
 
 def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
-    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks") + [history]
+    # the random state travels in checkpoints: a resumed run continues the same random streams
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks") + [history, RandomStateInCheckpoint()]
     loggers = _instantiate_all(cfg.get("logger"), "logger")
     if not loggers:  # nothing to log learning rates to (Lightning would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    try:  # checkpoints are written atomically (callbacks/crash_safety.py says why Lightning's own is not enough)
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                           _convert_="all")
     except Exception as e:  # Lightning's own checks of accelerator, devices, precision, ...
         raise trainer_error(cfg.trainer, e) from None
 
@@ -179,6 +206,7 @@ def train(cfg: DictConfig) -> float | None:
         config_utils.print_tree(cfg, console)
         config_utils.save(cfg, out / ".hydra" / "config.yaml")
 
+    ckpt_path = resume_from(cfg, out)
     if cfg.finetune.get("strategy") == "gradual" and not cfg.trainer.get("fast_dev_run"):  # before any work
         check_milestones(list(cfg.finetune.get("milestones") or []), cfg.trainer.get("max_epochs"))
     mean, std = normalization(cfg.model.name, cfg.model.weights)
@@ -186,22 +214,27 @@ def train(cfg: DictConfig) -> float | None:
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
     if main_process:
         summary.write_json(out / "classes.json", datamodule.class_info())
-    module = build_module(cfg, datamodule, mean, std)
-    if cfg.get("ckpt_path"):
-        check_resumable(cfg.ckpt_path, module, datamodule.class_counts)
+    module = build_module(cfg, datamodule, mean, std, resuming=ckpt_path is not None)
+    if ckpt_path:
+        check_resumable(ckpt_path, module, datamodule.class_counts)
     if main_process:
         print_groups(module, console)
     history = EpochHistory()
     trainer = build_trainer(cfg, history)
 
     # frozen backbone + deterministic transforms: the head trains on features computed once (in fit_seconds)
-    cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"), out / "feature_cache")
+    cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"),
+                             Path(cfg.finetune.get("feature_cache_dir") or out / "feature_cache"))
     fit_start = time.perf_counter()
-    with cache.serving(module, datamodule):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        with cache.serving(module, datamodule):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a SystemExit with status 0 otherwise: a preempted run must not look finished
+        raise UserError(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; rerun the "
+                        f"same command with resume=auto (hydra.run.dir={out}) to continue") from None
     fit_seconds = time.perf_counter() - fit_start
     if trainer.interrupted:
-        raise UserError("training was interrupted; resume it with ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise UserError(f"training was interrupted; rerun with resume=auto (hydra.run.dir={out}) to continue")
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None

@@ -204,13 +204,15 @@ def folder(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_cached_training_repeats_uncached_training(folder, tmp_path):
     """ResNet has no frozen Dropout: the same seed gives the same shuffles, losses and weights; a
-    second run in the same directory with finetune.feature_cache=disk loads the features."""
+    second run pointed at the first one's cache folder (finetune.feature_cache_dir) loads the features."""
     recipe = [*QUIET, *CACHED, "data=imagefolder", f"data.root={folder}", "data.num_workers=0", "data.batch_size=8",
               "trainer.max_epochs=2", "optim.lr=0.05"]
     runs = {"false": tmp_path / "false", "disk": tmp_path / "disk"}
+    shared = f"finetune.feature_cache_dir={runs['disk'] / 'feature_cache'}"
     reports = {}
-    for setting, run in [*runs.items(), ("again", runs["disk"])]:
-        train(compose_train([*recipe, f"finetune.feature_cache={'disk' if setting == 'again' else setting}"], run))
+    for setting, run in [*runs.items(), ("again", tmp_path / "again")]:
+        train(compose_train([*recipe, f"finetune.feature_cache={'disk' if setting == 'again' else setting}", shared],
+                            run))
         reports[setting] = report(run)
     plain, cached, again = reports["false"], reports["disk"], reports["again"]
     assert plain["feature_cache"] == {"setting": "false", "used": False, "reason": "finetune.feature_cache=false"}

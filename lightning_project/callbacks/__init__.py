@@ -1,6 +1,13 @@
 """Our callbacks (only what Lightning's own do not do)."""
 
 from lightning_project.callbacks.collapse import CollapseDetector
+from lightning_project.callbacks.crash_safety import (
+    AtomicCheckpointIO,
+    RandomStateInCheckpoint,
+    SaveOnInterrupt,
+    StopOnNonFiniteLoss,
+)
 from lightning_project.callbacks.history import EpochHistory
 
-__all__ = ["CollapseDetector", "EpochHistory"]
+__all__ = ["AtomicCheckpointIO", "CollapseDetector", "EpochHistory", "RandomStateInCheckpoint", "SaveOnInterrupt",
+           "StopOnNonFiniteLoss"]
