@@ -17,7 +17,8 @@ RECIPE_KEYS = (
     "model_name", "num_classes", "class_names", "head_dropout", "finetune", "optim", "scheduler", "image_size",
     "class_weights",
 )
-SPEED_ONLY = ("finetune.feature_cache", "finetune.feature_cache_dir")  # settings that change how fast a run goes, never what it computes
+# settings that change how fast a run goes, never what it computes
+SPEED_ONLY = ("finetune.feature_cache", "finetune.feature_cache_dir")
 
 
 def _flat(value, prefix: str) -> dict:
