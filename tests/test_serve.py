@@ -63,15 +63,15 @@ class Server(NamedTuple):
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory, env) -> Server:
-    """`python -m lightning_project.serve` on the checkpoint: key `secret`, 1 MB uploads, and a 200 ms
-    batching window so concurrent requests surely meet."""
+    """`python -m lightning_project.serve` on the checkpoint: key `secret`, 1 MB uploads, 24 requests in
+    progress at most, and a 200 ms batching window so concurrent requests surely meet."""
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
     log = open(tmp / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_project.serve", f"ckpt_path={trained[0]}", f"serve.port={port}",
-         f"serve.api_key={KEY}", "serve.batch_timeout_ms=200", "serve.max_upload_mb=1", "device=cpu",
-         f"hydra.run.dir={tmp / 'run'}"],
+         f"serve.api_key={KEY}", "serve.batch_timeout_ms=200", "serve.max_upload_mb=1", "serve.max_queue=24",
+         "device=cpu", f"hydra.run.dir={tmp / 'run'}"],
         cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -177,6 +177,35 @@ def test_concurrent_requests_share_forward_passes(server, trained, predictor):
     assert meta["classes"] == predictor.classes and meta["model_name"] == "resnet18"
     assert meta["limits"]["max_upload_mb"] == 1 and meta["limits"]["api_key_required"] is True
     assert meta["models"][0]["checkpoint"] == trained[0].name  # the file name, not the server's path
+
+
+def test_two_hundred_concurrent_requests_get_answers_or_503(server, trained, predictor):
+    """Under load the server answers every request, correctly or with 503 + Retry-After past serve.max_queue
+    (24 here, against 100 concurrent clients), and keeps serving afterwards."""
+    paths = [trained[1][i % len(trained[1])] for i in range(200)]
+    with httpx.Client(headers=AUTH, timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        before = client.get(f"{server.url}/metadata").json()["counters"]
+
+        def post(path: Path) -> httpx.Response:
+            return client.post(f"{server.url}/predict", files={"file": (path.name, path.read_bytes())})
+
+        with ThreadPoolExecutor(100) as pool:
+            responses = list(pool.map(post, paths))
+        after = client.get(f"{server.url}/metadata").json()["counters"]
+        assert client.get(f"{server.url}/health").status_code == 200
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
+    want = expected(predictor, sorted(set(paths)))
+    rows = dict(zip(sorted(set(paths)), want.tolist()))
+    for path, r in zip(paths, responses):
+        if r.status_code == 200:
+            assert as_probabilities(r.json(), predictor.classes) == pytest.approx(rows[path], abs=1e-5)
+    assert after["requests"] - before["requests"] == codes.count(200)
+    assert after["rejected_busy"] - before["rejected_busy"] == codes.count(503)
+    assert after["in_progress"] == 0
 
 
 def big_png(width: int, height: int) -> bytes:
