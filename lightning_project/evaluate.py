@@ -28,7 +28,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from lightning_project.data import create_datamodule
 from lightning_project.errors import UserError
 from lightning_project.inference import checkpoint_paths, tta
-from lightning_project.inference.predictor import pick_device
+from lightning_project.inference.predictor import check_same_classes, pick_device
 from lightning_project.models import load_checkpoint
 from lightning_project.models.checkpoints import warn_if_split_changed
 from lightning_project.models.classifier import CHECKPOINT_KEY
@@ -86,11 +86,8 @@ def compare(cfg: DictConfig, sources: list[tuple[str, Path]]) -> dict:
     """Single models (with and without TTA) and their ensemble, scored on the test split."""
     mode, device = tta.check_mode(cfg.tta), pick_device(cfg.device)
     loaded = [load_checkpoint(path, "cpu", where) for where, path in sources]
+    check_same_classes(sources, [m for m, _ in loaded])
     names = [m.hparams.class_names for m, _ in loaded]
-    for (where, path), classes in zip(sources[1:], names[1:]):
-        if classes != names[0]:
-            raise UserError(f"{where}={path}: trained for classes {classes}, but {sources[0][1]} for {names[0]}; "
-                            "an ensemble needs checkpoints of the same classes")
     datamodules: dict[str, object] = {}  # members of one data set and pipeline share one (k folds: same test split)
     labels, first_split, rows, probs = None, None, [], {"none": [], mode: []}
     for (where, path), (module, checkpoint) in zip(sources, loaded):

@@ -45,8 +45,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     out = Path(cfg.output) if cfg.get("output") else Path(HydraConfig.get().runtime.output_dir) / "predictions.csv"
     if out.is_dir():
         raise UserError(f"output={out}: a folder; give a file name ending in .csv or .json")
+    workers = min(resolve_workers(cfg.num_workers, "num_workers"), math.ceil(len(paths) / batch_size))
     predictor = load_predictor(cfg)
-    workers = min(resolve_workers(cfg.num_workers), math.ceil(len(paths) / batch_size))
     log.info("predicting %d images with %s on %s", len(paths), predictor.metadata()["model_name"], predictor.device)
     rows = predict_files(predictor, paths, batch_size, workers, top_k, cfg.progress)
     write_predictions(rows, out, top_k)

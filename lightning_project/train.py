@@ -233,8 +233,6 @@ def train(cfg: DictConfig) -> float | None:
         raise UserError(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; rerun the "
                         f"same command with resume=auto (hydra.run.dir={out}) to continue") from None
     fit_seconds = time.perf_counter() - fit_start
-    if trainer.interrupted:
-        raise UserError(f"training was interrupted; rerun with resume=auto (hydra.run.dir={out}) to continue")
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None

@@ -96,6 +96,17 @@ def test_inputs_are_folders_globs_and_lists(tmp_path, inputs):
             expand_inputs(spec)
 
 
+def test_bad_predict_settings_fail_before_any_checkpoint_is_read(tmp_path, inputs):
+    from lightning_project.predict import predict
+
+    for overrides, message in [(["num_workers=-1"], "num_workers=-1: give a count >= 0 or auto"),
+                               (["batch_size=0"], "batch_size=0: give a whole number >= 1"),
+                               ([f"output={tmp_path}"], "a folder; give a file name ending in .csv or .json")]:
+        cfg = compose_train(["ckpt_path=never-read.ckpt", f"input={inputs}", *overrides], tmp_path, name="predict")
+        with pytest.raises(UserError, match=message):
+            predict(cfg)
+
+
 def test_bad_input_path_is_one_line_through_the_command(tmp_path, env, ckpts):
     proc = run_command("predict", f"ckpt_path={ckpts[0]}", f"input={tmp_path / 'missing'}",
                        f"hydra.run.dir={tmp_path / 'run'}", env=env, cwd=tmp_path, check=False)

@@ -32,11 +32,11 @@ SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
 
-def resolve_workers(num_workers: int | str) -> int:
+def resolve_workers(num_workers: int | str, key: str = "data.num_workers") -> int:
     if num_workers == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not isinstance(num_workers, int) or num_workers < 0:
-        raise UserError(f"data.num_workers={num_workers!r}: give a count >= 0 or auto (= usable cores)")
+        raise UserError(f"{key}={num_workers!r}: give a count >= 0 or auto (= usable cores)")
     return num_workers
 
 

@@ -64,6 +64,15 @@ def checkpoint_paths(
     return [(f"sweep_dir run {r.path.name}", r.best_checkpoint) for r in chosen]
 
 
+def check_same_classes(sources: list[tuple[str, Path]], modules: list[ClassifierModule]) -> None:
+    """Ensemble members must predict the same classes in the same order (one clear line naming the file)."""
+    first = list(modules[0].hparams.class_names)
+    for (where, path), module in zip(sources[1:], modules[1:]):
+        if list(module.hparams.class_names) != first:
+            raise UserError(f"{where}={path}: trained for classes {module.hparams.class_names}, but {sources[0][1]} "
+                            f"for {first}; an ensemble needs checkpoints of the same classes")
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -127,13 +136,7 @@ class Predictor:
             if spec not in specs:
                 specs.append(spec)
             members.append(Member(module, Path(path), sha256(Path(path)), spec, specs.index(spec)))
-        first = members[0]
-        for (where, path), m in zip(sources[1:], members[1:]):
-            if m.module.hparams.class_names != first.module.hparams.class_names:
-                raise UserError(
-                    f"{where}={path}: trained for classes {m.module.hparams.class_names}, but {sources[0][1]} for "
-                    f"{first.module.hparams.class_names}; an ensemble needs checkpoints of the same classes"
-                )
+        check_same_classes(sources, [m.module for m in members])
         return cls(members, specs, tta_mode, device)
 
     @property
