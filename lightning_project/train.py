@@ -6,6 +6,7 @@ values here and handed to the data module, the LightningModule and the Trainer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -23,15 +25,17 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_project.callbacks import AtomicCheckpointIO, EpochHistory, RandomStateInCheckpoint
+from lightning_project.callbacks.collapse import SHARE_METRIC
 from lightning_project.data import ImageDataModule, create_datamodule, sampling
 from lightning_project.data.feature_cache import FeatureCache
 from lightning_project.errors import UserError
 from lightning_project.models import ClassifierModule, check_resumable
 from lightning_project.models.backbones import normalization
+from lightning_project.models.classifier import metric_names
 from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
-from lightning_project.utils import runtime, summary
+from lightning_project.utils import runtime, schema, summary
 from lightning_project.utils.config import plain
 
 log = logging.getLogger("lightning_project")
@@ -39,6 +43,13 @@ log = logging.getLogger("lightning_project")
 
 def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def fit_metrics(cfg: DictConfig, num_classes: int | None) -> list[str]:
+    """The metrics logged while fitting: what optimized_metric and the monitors may name."""
+    names = [n for n in metric_names(num_classes) if not n.startswith("test/")]
+    detector = (cfg.get("callbacks") or {}).get("collapse_detector")
+    return names + [SHARE_METRIC] if detector is not None and detector.get("log_share", True) else names
 
 
 def build_datamodule(cfg: DictConfig, mean: list[float], std: list[float]) -> ImageDataModule:
@@ -161,10 +172,15 @@ def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
     if not loggers:  # nothing to log learning rates to (Lightning would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     try:  # checkpoints are written atomically (callbacks/crash_safety.py says why Lightning's own is not enough)
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                           _convert_="all")
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                              plugins=[AtomicCheckpointIO()], _convert_="all")
     except Exception as e:  # Lightning's own checks of accelerator, devices, precision, ...
         raise trainer_error(cfg.trainer, e) from None
+    # Lightning quietly trains in bf16 instead: the run would not be the one asked for
+    if str(cfg.trainer.get("precision")) in ("16", "16-mixed") and isinstance(trainer.accelerator, CPUAccelerator):
+        raise UserError(f"trainer.precision={cfg.trainer.precision}: float16 mixed precision needs a GPU and this run "
+                        "is on the CPU; use trainer.precision=bf16-mixed or 32-true (or trainer=gpu on a GPU machine)")
+    return trainer
 
 
 def trainer_error(t: DictConfig, e: Exception) -> UserError:
@@ -196,6 +212,7 @@ def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> flo
 
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
+    schema.check(cfg, fit_metrics(cfg, cfg.data.get("num_classes")))  # before anything is read or built
     out = run_dir()
     console = runtime.console()
     runtime.setup(cfg.seed, cfg.matmul_precision)
@@ -209,9 +226,12 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resume_from(cfg, out)
     if cfg.finetune.get("strategy") == "gradual" and not cfg.trainer.get("fast_dev_run"):  # before any work
         check_milestones(list(cfg.finetune.get("milestones") or []), cfg.trainer.get("max_epochs"))
+    history = EpochHistory()
+    trainer = build_trainer(cfg, history)  # Lightning checks the device settings: before the data is read
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
+    schema.check_metrics(cfg, fit_metrics(cfg, len(datamodule.classes)))  # val/top5 needs 5 classes
     if main_process:
         summary.write_json(out / "classes.json", datamodule.class_info())
     module = build_module(cfg, datamodule, mean, std, resuming=ckpt_path is not None)
@@ -219,15 +239,19 @@ def train(cfg: DictConfig) -> float | None:
         check_resumable(ckpt_path, module, datamodule.class_counts)
     if main_process:
         print_groups(module, console)
-    history = EpochHistory()
-    trainer = build_trainer(cfg, history)
 
     # frozen backbone + deterministic transforms: the head trains on features computed once (in fit_seconds)
     cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"),
                              Path(cfg.finetune.get("feature_cache_dir") or out / "feature_cache"))
     fit_start = time.perf_counter()
+    memory = functools.partial(  # one line with the fix instead of a CUDA traceback
+        runtime.out_of_memory,
+        f"data.batch_size={datamodule.hparams.batch_size} on {type(trainer.accelerator).__name__[:-11]} "
+        f"({cfg.model.name}, {cfg.augment.image_size} px, precision {cfg.trainer.precision})",
+        "lower data.batch_size (raise trainer.accumulate_grad_batches to keep the effective batch), or find the "
+        "largest that fits with `python -m lightning_project.tune tune.checks=[batch_size]` and the same overrides")
     try:
-        with cache.serving(module, datamodule):
+        with memory(), cache.serving(module, datamodule):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # a SystemExit with status 0 otherwise: a preempted run must not look finished
         raise UserError(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; rerun the "
@@ -237,7 +261,8 @@ def train(cfg: DictConfig) -> float | None:
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     test_start = time.perf_counter()
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=best) if cfg.get("test", True) else [{}]
+    with memory():
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best) if cfg.get("test", True) else [{}]
     test_seconds = time.perf_counter() - test_start
 
     epochs = history.epochs

@@ -25,6 +25,7 @@ from lightning_project.train import (
     build_datamodule,
     build_module,
     build_trainer,
+    fit_metrics,
     print_groups,
     run_dir,
     trainer_error,
@@ -38,7 +39,7 @@ from lightning_project.tuning.report import (
     train_command,
 )
 from lightning_project.utils import config as config_utils
-from lightning_project.utils import runtime, summary
+from lightning_project.utils import runtime, schema, summary
 from lightning_project.utils.config import plain
 
 log = logging.getLogger("lightning_project")
@@ -85,6 +86,7 @@ def _seed(seed: int | None) -> None:
 
 def tune(cfg: DictConfig) -> dict:
     options = TuneOptions.from_dict(plain(cfg.get("tune")))  # before any heavy work
+    schema.check(cfg, fit_metrics(cfg, cfg.data.get("num_classes")))
     if cfg.get("ckpt_path"):
         raise UserError("ckpt_path: tune checks the start of a run; to start from a checkpoint's weights use "
                         "model.weights_path=<checkpoint> instead")

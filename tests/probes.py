@@ -40,3 +40,26 @@ class Probe(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         record = {"lrs": self.lrs, "trainable": self.trainable}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class MemoryProbe(pl.Callback):
+    """The process's resident memory (RSS, from /proc) at the end of every `every`-th training epoch,
+    written to `<out>/rss.json` ({epoch: bytes}) at the end of fit."""
+
+    def __init__(self, out: str, every: int = 25) -> None:
+        self.out, self.every = Path(out), every
+        self.rss: dict[int, int] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import gc
+        import os
+
+        if (trainer.current_epoch + 1) % self.every:
+            return
+        gc.collect()  # what is still referenced, not garbage waiting for a collection (0.3 s: not every epoch)
+        with open("/proc/self/statm") as f:
+            self.rss[trainer.current_epoch + 1] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rss.json").write_text(json.dumps(self.rss))

@@ -86,10 +86,13 @@ def test_epoch_schedulers_and_plateau():
     [
         ("cosin", {}, "scheduler.name='cosin': choose one of"),
         ("multistep", {"milestones": [5, 2]}, r"scheduler.milestones=\[5, 2\]: give increasing"),
-        ("onecycle", {"warmup_epochs": 1}, "scheduler.warmup_epochs: scheduler=onecycle does not use it"),
+        ("onecycle", {"warmup_epochs": 1},
+         "scheduler.warmup_epochs: scheduler=onecycle does not take it; its options: anneal_strategy"),
         ("cosine", {"warmup_epochs": 5}, "50 warm-up steps but only 40 training steps"),
-        ("step", {"step_sise": 3}, "scheduler=step: unknown or missing option"),
-        ("none", {"pct_start": 0.3}, "scheduler=none: unknown or missing option"),
+        ("step", {"step_sise": 3},
+         "scheduler.step_sise: scheduler=step does not take it; its options: gamma, step_size"),
+        ("none", {"pct_start": 0.3}, "scheduler.pct_start: scheduler=none does not take it; its options: none"),
+        ("step", {}, "scheduler=step: unknown or missing option"),  # step_size is required
         ("onecycle", {}, "needs a finite number of training steps"),
     ],
 )

@@ -45,6 +45,12 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+def metric_names(num_classes: int | None) -> list[str]:
+    """Every metric name the module logs (`train/acc`, `val/f1`, ...); top5 needs 5 classes (None: unknown yet)."""
+    kinds = ["loss", "acc", "f1", "precision", "recall"] + (["top5"] if num_classes is None or num_classes >= 5 else [])
+    return [f"{split}/{kind}" for split in ("train", "val", "test") for kind in kinds] + ["train/loss_step"]
+
+
 class ClassifierModule(pl.LightningModule):
     """Fine-tunes torchvision model `model_name` for `num_classes` classes.
 

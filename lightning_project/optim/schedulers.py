@@ -7,6 +7,7 @@ discriminative learning rates keep their ratios through warm-up and decay.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from torch.optim import Optimizer, lr_scheduler
@@ -15,6 +16,7 @@ from lightning_project.errors import UserError
 
 SCHEDULERS = ("onecycle", "cosine", "linear", "constant", "inverse_sqrt", "step", "multistep", "plateau", "none")
 WARMUP_SHAPES = ("cosine", "linear", "constant", "inverse_sqrt")
+PLANNED = ("onecycle", "cosine", "linear")  # shaped over the whole run: they need its length
 
 
 class WarmupSchedule:
@@ -40,6 +42,21 @@ class WarmupSchedule:
         return self.min_ratio + (1 - self.min_ratio) * decay
 
 
+# what each schedule computes itself (the rest of torch's arguments are its options)
+_OWN = {"optimizer", "max_lr", "total_steps", "epochs", "steps_per_epoch", "last_epoch", "verbose"}
+_TORCH = {"onecycle": lr_scheduler.OneCycleLR, "step": lr_scheduler.StepLR, "multistep": lr_scheduler.MultiStepLR,
+          "plateau": lr_scheduler.ReduceLROnPlateau}
+
+
+def scheduler_options(name: str) -> set[str]:
+    """The option keys scheduler=`name` takes besides `name` (empty for an unknown name)."""
+    if name in _TORCH:
+        taken = set(inspect.signature(_TORCH[name]).parameters) - _OWN
+        return taken | {"monitor"} if name == "plateau" else taken
+    return {"cosine": {"warmup_epochs", "min_lr_ratio"}, "linear": {"warmup_epochs", "min_lr_ratio"},
+            "constant": {"warmup_epochs"}, "inverse_sqrt": {"warmup_epochs"}}.get(name, set())
+
+
 def build_scheduler(
     optimizer: Optimizer,
     name: str = "none",
@@ -59,14 +76,10 @@ def build_scheduler(
     where = f"scheduler={name}"
     if name not in SCHEDULERS:
         raise UserError(f"scheduler.name={name!r}: choose one of {', '.join(SCHEDULERS)}")
-    own = {
-        "warmup_epochs": name in WARMUP_SHAPES,
-        "min_lr_ratio": name in ("cosine", "linear"),
-        "monitor": name == "plateau",
-    }
-    for key, used in own.items():
-        if key in options and not used:
-            raise UserError(f"scheduler.{key}: scheduler={name} does not use it; remove it or pick another scheduler")
+    unknown = sorted(set(options) - scheduler_options(name))
+    if unknown:
+        raise UserError(f"scheduler.{unknown[0]}: scheduler={name} does not take it; its options: "
+                        f"{', '.join(sorted(scheduler_options(name))) or 'none'}")
     warmup_epochs = float(options.pop("warmup_epochs", 0.0))
     min_lr_ratio = float(options.pop("min_lr_ratio", 0.0))
     monitor = options.pop("monitor", "val/loss")

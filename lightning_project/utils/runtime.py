@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 import warnings
@@ -45,10 +46,27 @@ def user_errors() -> Iterator[None]:
     """Report a UserError as one line on stderr and exit with status 2 (no traceback wall)."""
     try:
         yield
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         log.debug("user error", exc_info=True)
-        message = str(e)
+        message = str(e) if isinstance(e, UserError) else (
+            f"no space left on the device while writing {e.filename or 'a file'}: free space, or set "
+            "paths.log_dir (and hydra.run.dir) to a disk with room")
         if "Original Traceback" in message:  # raised in a loader worker, which prepends its traceback
             message = [line for line in message.splitlines() if line.strip()][-1].split("UserError: ", 1)[-1]
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def out_of_memory(setting: str, fix: str) -> Iterator[None]:
+    """Running out of memory (CUDA, MPS or the CPU allocator) as one line naming `setting` and the fix."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e) or type(e).__name__
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
+                s in text for s in ("out of memory", "can't allocate memory")):
+            raise
+        raise UserError(f"out of memory with {setting} ({text.splitlines()[0][:160]}); {fix}") from None
