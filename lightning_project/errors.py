@@ -15,3 +15,7 @@ def close_names(wanted: str, names, n: int = 5) -> str:
         stem = wanted.split(".")[0]
         close = [x for x in names if x.startswith(stem)][:n]
     return ", ".join(close) if close else "none close"
+
+
+class Stopped(UserError):
+    """The run was stopped from outside (SIGTERM, Ctrl-C): a sweep stops too, a resume continues it."""

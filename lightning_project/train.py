@@ -28,14 +28,15 @@ from lightning_project.callbacks import AtomicCheckpointIO, EpochHistory, Random
 from lightning_project.callbacks.collapse import SHARE_METRIC
 from lightning_project.data import ImageDataModule, create_datamodule, sampling
 from lightning_project.data.feature_cache import FeatureCache
-from lightning_project.errors import UserError
+from lightning_project.errors import Stopped, UserError
 from lightning_project.models import ClassifierModule, check_resumable
 from lightning_project.models.backbones import normalization
 from lightning_project.models.classifier import metric_names
 from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
-from lightning_project.utils import runtime, schema, summary
+from lightning_project.sweeping import run_trial
+from lightning_project.utils import provenance, runtime, schema, summary, tracking
 from lightning_project.utils.config import plain
 
 log = logging.getLogger("lightning_project")
@@ -161,6 +162,9 @@ def _instantiate_all(section: DictConfig | None, what: str) -> list:
             out.append(instantiate(node, _convert_="all"))
         except InstantiationException as e:  # the class's own complaint, on one line, with the key
             cause = str(e.__cause__ or e).strip().splitlines()[-1]
+            if isinstance(e.__cause__, ModuleNotFoundError):  # Lightning's hint names a heavier package
+                raise UserError(f"{what}.{name} needs a package that is not installed ({cause.split('. HINT')[0]}): "
+                                "pip install -e '.[tracking]'") from None
             raise UserError(f"{what}.{name} ({node['_target_']}): {cause}; fix {what}.{name}.*") from None
     return out
 
@@ -210,7 +214,8 @@ def _optimized_value(cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> flo
     return metrics.get(name)
 
 
-def train(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
+    """Fit and test as configured; `progress` (a dict) receives the trainer, so a failure can say where."""
     started = time.perf_counter()
     schema.check(cfg, fit_metrics(cfg, cfg.data.get("num_classes")))  # before anything is read or built
     out = run_dir()
@@ -222,12 +227,16 @@ def train(cfg: DictConfig) -> float | None:
     if main_process:
         config_utils.print_tree(cfg, console)
         config_utils.save(cfg, out / ".hydra" / "config.yaml")
+        overrides = list(HydraConfig.get().overrides.task)
+        summary.write_json(out / "environment.json", provenance.describe("lightning_project.train", overrides))
 
     ckpt_path = resume_from(cfg, out)
     if cfg.finetune.get("strategy") == "gradual" and not cfg.trainer.get("fast_dev_run"):  # before any work
         check_milestones(list(cfg.finetune.get("milestones") or []), cfg.trainer.get("max_epochs"))
     history = EpochHistory()
     trainer = build_trainer(cfg, history)  # Lightning checks the device settings: before the data is read
+    if progress is not None:
+        progress["trainer"] = trainer
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
@@ -243,6 +252,7 @@ def train(cfg: DictConfig) -> float | None:
     # frozen backbone + deterministic transforms: the head trains on features computed once (in fit_seconds)
     cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"),
                              Path(cfg.finetune.get("feature_cache_dir") or out / "feature_cache"))
+    tracking.log_config(trainer.loggers, plain(cfg))  # the whole resolved config, comparable across runs
     fit_start = time.perf_counter()
     memory = functools.partial(  # one line with the fix instead of a CUDA traceback
         runtime.out_of_memory,
@@ -254,7 +264,7 @@ def train(cfg: DictConfig) -> float | None:
         with memory(), cache.serving(module, datamodule):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # a SystemExit with status 0 otherwise: a preempted run must not look finished
-        raise UserError(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; rerun the "
+        raise Stopped(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; rerun the "
                         f"same command with resume=auto (hydra.run.dir={out}) to continue") from None
     fit_seconds = time.perf_counter() - fit_start
 
@@ -310,8 +320,8 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with runtime.user_errors():
-        return train(cfg)
+    with runtime.user_errors():  # in a sweep, a failed run is recorded and the sweep goes on
+        return run_trial(train, cfg, run_dir())
 
 
 if __name__ == "__main__":

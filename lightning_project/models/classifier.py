@@ -88,7 +88,8 @@ class ClassifierModule(pl.LightningModule):
         class_names = list(class_names or [str(i) for i in range(num_classes)])
         if mean is None or std is None:
             mean, std = backbones.normalization(model_name, weights)
-        self.save_hyperparameters()  # reads the (completed) arguments above; they rebuild this module
+        # reads the (completed) arguments above, which rebuild this module; the loggers get the whole config
+        self.save_hyperparameters(logger=False)  # from train.py instead
         self.net, self.head = backbones.build_network(model_name, num_classes, head_dropout)
         self.groups = self._plan(finetune or {}, dict(optim or {}))  # validated before any download
         self._check_recipe()

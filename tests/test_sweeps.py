@@ -1,0 +1,117 @@
+"""Sweeps through the real command: a grid (with a failing combination), a random search, and an Optuna
+study killed mid-trial and resumed by rerunning the same command; the reports they leave; reproducibility."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from conftest import FAST, ROOT, compose_train, run_command
+
+from lightning_project.train import train
+
+pytestmark = pytest.mark.slow
+# digits, two batches of 16 per epoch: a trial takes a second or two
+TINY = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "data.batch_size=16", *FAST]
+
+
+def rows(sweep_dir) -> list[dict]:
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def study(sweep_dir, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
+
+
+def test_grid_sweep_records_a_failed_run_goes_on_and_reports(tmp_path, env):
+    """cosine's 1-epoch warm-up does not fit a 2-step run: those two runs fail, the others finish."""
+    sweep = tmp_path / "grid"
+    proc = run_command("train", "-m", "optim.lr=0.01,0.05", "scheduler=onecycle,cosine", "trainer.max_epochs=1",
+                       f"hydra.sweep.dir={sweep}", *TINY, env=env, cwd=tmp_path)
+    table = {(r["optim.lr"], r["scheduler"]): r for r in rows(sweep)}
+    assert len(table) == 4 and [r["status"] for r in rows(sweep)] == ["completed"] * 2 + ["failed"] * 2
+    for lr in ("0.01", "0.05"):
+        done, failed = table[(lr, "onecycle")], table[(lr, "cosine")]
+        assert 0 <= float(done["val/acc"]) <= 1 and done["best_checkpoint"].endswith(".ckpt")
+        assert float(done["final train/loss"]) > 0 and done["epochs"] == "1"
+        assert failed["val/acc"] == "" and "warm-up steps but only 2 training steps" in failed["error"]
+        record = json.loads((sweep / failed["run"] / "failure.json").read_text())
+        assert record["status"] == "failed" and record["error"] == failed["error"]
+    assert (sweep / "sweep.png").stat().st_size > 10_000
+    assert "error: run 1 failed: scheduler.warmup_epochs=1.0" in proc.stderr  # one line each, the sweep went on
+    best = rows(sweep)[0]
+    expected = (f"python -m lightning_project.train optim.lr={best['optim.lr']} scheduler=onecycle "
+                "trainer.max_epochs=1")
+    assert expected in proc.stdout
+
+
+def test_random_search_samples_log_uniform_and_a_rerun_has_nothing_left(tmp_path, env):
+    args = ["hparams_search=random", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1", "scheduler=onecycle",
+            f"paths.log_dir={tmp_path / 'logs'}", *TINY]
+    run_command("train", *args, env=env, cwd=tmp_path)
+    sweep = tmp_path / "logs" / "train" / "optuna" / "train-random"
+    found = rows(sweep)
+    assert sorted(r["run"] for r in found) == ["0", "1", "2"] and {r["status"] for r in found} == {"completed"}
+    lrs = [float(r["optim.lr"]) for r in found]
+    assert all(1e-4 <= lr <= 1e-1 for lr in lrs) and len(set(lrs)) == 3
+    assert "scheduler" not in found[0]  # fixed on the command line: not a swept column
+    trials = study(sweep, "train-random").trials
+    assert [t.params["optim.lr"] for t in trials] == pytest.approx(  # the run directory is the trial
+        [float(next(r for r in found if r["run"] == str(t.number))["optim.lr"]) for t in trials])
+    again = run_command("train", *args, env=env, cwd=tmp_path)  # the same command: the study is complete
+    assert "3 trials done, 0 to go" in again.stdout + again.stderr
+    assert len(study(sweep, "train-random").trials) == 3 and not (sweep / "3").exists()
+
+
+def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
+    args = [sys.executable, "-m", "lightning_project.train", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+            "trainer.max_epochs=2", "scheduler=onecycle", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
+    sweep = tmp_path / "logs" / "train" / "optuna" / "train"
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (sweep / "1" / ".hydra").is_dir():  # trial 0 done, trial 1 started
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before its second trial"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "1" / "metrics.json").exists()
+    states = [t.state for t in study(sweep, "train").trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+
+    rerun = run_command("train", *args[3:], env=env, cwd=tmp_path)  # the same command
+    assert "1 trials done, 2 to go" in rerun.stdout + rerun.stderr
+    trials = study(sweep, "train").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study(sweep, "train").user_attrs["killed_trials"] == [1]
+    assert trials[0].value == json.loads((sweep / "0" / "metrics.json").read_text())["optimized_metric"]["value"]
+    found = {r["run"]: r["status"] for r in rows(sweep)}
+    assert found == {"0": "completed", "2": "completed", "3": "completed", "1": "incomplete"}
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "completed: 3" in results and "failed: 1" in results
+
+
+def test_same_seed_and_deterministic_give_identical_metrics_and_a_rerunnable_directory(tmp_path):
+    """Two runs on CPU with the same seed and trainer.deterministic=true: identical metrics, epoch by epoch."""
+    reports = []
+    for name in ("a", "b"):
+        cfg = compose_train(["trainer.deterministic=true", "trainer.max_epochs=2", "seed=7", *TINY],
+                            tmp_path / name)
+        train(cfg)
+        reports.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert reports[0]["history"] == reports[1]["history"] and reports[0]["metrics"] == reports[1]["metrics"]
+    assert len(reports[0]["history"]) == 2 and not math.isnan(reports[0]["metrics"]["val/loss"])
+    environment = json.loads((tmp_path / "a" / "environment.json").read_text())
+    assert environment["command"].startswith("python -m lightning_project.train")
+    assert {"torch", "torchvision", "pytorch-lightning", "hydra-core"} <= set(environment["packages"])
+    if (ROOT / ".git").exists():  # a clone: the commit it ran
+        assert len(environment["git"]["commit"]) == 40 and isinstance(environment["git"]["dirty"], bool)
+    assert (tmp_path / "a" / ".hydra" / "config.yaml").is_file()
