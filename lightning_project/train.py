@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
@@ -36,6 +37,7 @@ from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
 from lightning_project.sweeping import run_trial
+from lightning_project.sweeping.trials import in_multirun
 from lightning_project.utils import provenance, runtime, schema, summary, tracking
 from lightning_project.utils.config import plain
 
@@ -237,6 +239,10 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
     trainer = build_trainer(cfg, history)  # Lightning checks the device settings: before the data is read
     if progress is not None:
         progress["trainer"] = trainer
+    if in_multirun() and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise Stopped(f"trainer.strategy={cfg.trainer.get('strategy')} in a sweep: Lightning starts the other DDP "
+                      "processes by rerunning this command, which would rerun the sweep; use "
+                      "trainer.strategy=ddp_spawn in sweeps")
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)

@@ -88,8 +88,8 @@ def no_data_read(monkeypatch):
     (["scheduler=cosine", "+scheduler.pct_start=0.3"],
      r"scheduler.pct_start: scheduler=cosine takes no such key; keys: min_lr_ratio, name, warmup_epochs$"),
     (["trainer.max_epochs=null"], r"trainer.max_epochs=null with no trainer.max_steps: scheduler=onecycle is planned "
-                                  r"over the run's length, which would be Lightning's default of 1000 epochs"),
-    (["trainer.max_epochs=-1", "scheduler=step"], r"scheduler=step .* which would be an endless run"),
+                                  r"over the run's length in steps, which would be Lightning's default of 1000 epochs"),
+    (["trainer.max_epochs=-1", "scheduler=cosine"], r"scheduler=cosine .* which would be an endless run"),
     (["optimized_metric=val/accuracy"],
      r"optimized_metric='val/accuracy' is not a metric the training logs; close names: val/acc.* \(logged: train/loss"),
     (["callbacks.model_checkpoint.monitor=val/acuracy"],

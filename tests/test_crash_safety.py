@@ -64,7 +64,7 @@ def test_resume_auto_continues_and_a_used_run_directory_is_refused(tmp_path):
     train(compose_train(["trainer.max_epochs=2", "resume=auto", *recipe], run))
     report = json.loads((run / "metrics.json").read_text())
     assert report["epochs"] == 2 and report["global_step"] == 6  # epoch 0 was not trained again
-    with pytest.raises(UserError, match="resume='yes': use resume=auto"):
+    with pytest.raises(UserError, match="resume='yes': must be one of null, auto"):
         train(compose_train(["resume=yes", *SHORT], tmp_path / "other"))
 
 

@@ -54,22 +54,41 @@ def test_grid_sweep_records_a_failed_run_goes_on_and_reports(tmp_path, env):
     assert expected in proc.stdout
 
 
-def test_random_search_samples_log_uniform_and_a_rerun_has_nothing_left(tmp_path, env):
-    args = ["hparams_search=random", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1", "scheduler=onecycle",
-            f"paths.log_dir={tmp_path / 'logs'}", *TINY]
+def test_random_search_samples_log_uniform_goes_on_past_failed_trials_and_a_rerun_has_nothing_left(tmp_path, env):
+    """cosine's 1-epoch warm-up does not fit a 2-step run: those trials fail, and the search goes on."""
+    args = ["hparams_search=random", "hydra.sweeper.n_trials=4", "trainer.max_epochs=1",
+            "scheduler=choice(onecycle, cosine)", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
     run_command("train", *args, env=env, cwd=tmp_path)
     sweep = tmp_path / "logs" / "train" / "optuna" / "train-random"
-    found = rows(sweep)
-    assert sorted(r["run"] for r in found) == ["0", "1", "2"] and {r["status"] for r in found} == {"completed"}
-    lrs = [float(r["optim.lr"]) for r in found]
-    assert all(1e-4 <= lr <= 1e-1 for lr in lrs) and len(set(lrs)) == 3
-    assert "scheduler" not in found[0]  # fixed on the command line: not a swept column
+    found = {r["run"]: r for r in rows(sweep)}
+    assert sorted(found) == ["0", "1", "2", "3"]
+    assert {r["scheduler"] for r in found.values()} == {"onecycle", "cosine"}  # the seed draws both
+    for r in found.values():
+        assert r["status"] == ("failed" if r["scheduler"] == "cosine" else "completed")
+        assert 1e-4 <= float(r["optim.lr"]) <= 1e-1
+    assert len({r["optim.lr"] for r in found.values()}) == 4
     trials = study(sweep, "train-random").trials
-    assert [t.params["optim.lr"] for t in trials] == pytest.approx(  # the run directory is the trial
-        [float(next(r for r in found if r["run"] == str(t.number))["optim.lr"]) for t in trials])
+    for t in trials:  # the run directory is the trial; a failed run is a failed trial
+        row = found[str(t.number)]
+        assert t.params["optim.lr"] == pytest.approx(float(row["optim.lr"]))
+        assert t.state.name == ("FAIL" if row["status"] == "failed" else "COMPLETE")
     again = run_command("train", *args, env=env, cwd=tmp_path)  # the same command: the study is complete
-    assert "3 trials done, 0 to go" in again.stdout + again.stderr
-    assert len(study(sweep, "train-random").trials) == 3 and not (sweep / "3").exists()
+    assert "4 trials done, 0 to go" in again.stdout + again.stderr
+    assert len(study(sweep, "train-random").trials) == 4 and not (sweep / "4").exists()
+    other = run_command("train", *[a.replace("scheduler=choice(onecycle, cosine)", "scheduler=choice(step, cosine)")
+                                   for a in args], env=env, cwd=tmp_path, check=False)
+    line = [x for x in other.stderr.splitlines() if x.startswith("error: ")]
+    assert other.returncode == 2 and len(line) == 1 and "Traceback" not in other.stderr
+    assert line[0].startswith("error: scheduler: study train-random searched CategoricalDistribution(choices=("
+                              "'onecycle', 'cosine')), this run asks") and "hparams_search.study=NEW" in line[0]
+
+
+def test_a_sweep_where_every_run_fails_exits_non_zero(tmp_path, env):
+    proc = run_command("train", "-m", "optim.lr=0.01,0.02", "scheduler=cosine", "trainer.max_epochs=1",
+                       f"hydra.sweep.dir={tmp_path / 'grid'}", *TINY, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: no run of the sweep in {tmp_path / 'grid'} completed" in proc.stderr
+    assert {r["status"] for r in rows(tmp_path / "grid")} == {"failed"}
 
 
 def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
@@ -78,7 +97,7 @@ def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
     sweep = tmp_path / "logs" / "train" / "optuna" / "train"
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (sweep / "1" / ".hydra").is_dir():  # trial 0 done, trial 1 started
+    while not (sweep / "1" / "environment.json").is_file():  # trial 0 done, trial 1 started
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before its second trial"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -91,6 +110,8 @@ def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
     assert "1 trials done, 2 to go" in rerun.stdout + rerun.stderr
     trials = study(sweep, "train").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    first = [trials[0].params["optim.lr"], trials[1].params["optim.lr"]]
+    assert not {trials[2].params["optim.lr"], trials[3].params["optim.lr"]} & set(first)  # new draws, not replays
     assert study(sweep, "train").user_attrs["killed_trials"] == [1]
     assert trials[0].value == json.loads((sweep / "0" / "metrics.json").read_text())["optimized_metric"]["value"]
     found = {r["run"]: r["status"] for r in rows(sweep)}

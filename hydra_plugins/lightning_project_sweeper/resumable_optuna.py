@@ -18,3 +18,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
         self.sweeper = ResumableSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs, search_space,
                                             custom_search_space, params)
+
+    def sweep(self, arguments: list[str]) -> None:
+        from lightning_project.utils.runtime import user_errors
+
+        with user_errors():  # a study that does not fit the command: one line, exit 2
+            return self.sweeper.sweep(arguments)

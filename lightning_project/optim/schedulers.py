@@ -83,10 +83,11 @@ def build_scheduler(
     warmup_epochs = float(options.pop("warmup_epochs", 0.0))
     min_lr_ratio = float(options.pop("min_lr_ratio", 0.0))
     monitor = options.pop("monitor", "val/loss")
-    if total_steps < 1 or total_steps == math.inf:
+    if name in PLANNED and (total_steps < 1 or total_steps == math.inf):
         raise UserError(
             f"{where}: needs a finite number of training steps; set trainer.max_epochs or trainer.max_steps"
         )
+    total_steps = total_steps if math.isfinite(total_steps) else 2**62  # an open-ended run (no planned shape)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup_epochs < 0 or (warmup >= total_steps and name in WARMUP_SHAPES and name != "constant"):
         raise UserError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from lightning_project.errors import UserError
 from lightning_project.inference.runs import Run, find_runs, ranked
+from lightning_project.utils.provenance import rerun_command
 from lightning_project.utils.summary import subplots
 
 CSV_NAME, PNG_NAME = "sweep_summary.csv", "sweep.png"
@@ -83,16 +83,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-SWEEP_ONLY = ("hparams_search", "hydra.", "+hydra.")  # what made the sweep, not the run
-
-
 def command(run: Run) -> str:
-    """The command line that repeats `run` alone: its task overrides without the sweep's own settings
-    (hparams_search= would start the search again), quoted for a POSIX shell."""
-    kept = [o for o in run.overrides if not o.startswith(SWEEP_ONLY)]
-    if any(o.startswith("experiment=") for o in kept):  # a recipe may be a search itself (coarse_search)
-        kept.append("hydra.mode=RUN")
-    return " ".join(["python -m lightning_project.train", *map(shlex.quote, kept)])
+    """The command line that repeats `run` alone (the sweep's own settings left out)."""
+    return rerun_command(run.overrides)
 
 
 def _number(text: str | None) -> float | None:
@@ -147,7 +140,7 @@ def _curves(ax, runs: list[Run], swept: list[str]) -> None:
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend(fontsize=8)
-    else:  # e.g. optimized_metric=test/acc, measured once after fitting
+    else:  # runs without a per-epoch history of the metric
         ax.text(0.5, 0.5, f"no per-epoch {metric} in the runs' history", ha="center", va="center",
                 transform=ax.transAxes)
 

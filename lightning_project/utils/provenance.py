@@ -24,6 +24,8 @@ def _git(*args: str) -> str | None:
 
 def git_state() -> dict | None:
     """The checkout's commit and whether it had uncommitted changes (None: not a git checkout)."""
+    if not (PROJECT / "conf").is_dir():  # an installed copy: whatever repository holds site-packages is not ours
+        return None
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None
@@ -41,10 +43,22 @@ def versions() -> dict[str, str]:
     return found
 
 
+SWEEP_ONLY = ("hparams_search", "hydra.", "+hydra.")  # what made a sweep, not one of its runs
+
+
+def rerun_command(overrides: list[str], module: str = "lightning_project.train") -> str:
+    """The command line that repeats one run alone: its overrides without the sweep's own settings
+    (hparams_search= would start the search again), quoted for a POSIX shell."""
+    kept = [o for o in overrides if not o.startswith(SWEEP_ONLY)]
+    if any(o.startswith("experiment=") for o in kept):  # a recipe may be a search itself (coarse_search)
+        kept.append("hydra.mode=RUN")
+    return " ".join(["python", "-m", module, *map(shlex.quote, kept)])
+
+
 def describe(command: str, overrides: list[str]) -> dict:
     """Everything `environment.json` holds; `command` is the module (lightning_project.train)."""
     return {
-        "command": " ".join(["python", "-m", command, *map(shlex.quote, overrides)]),
+        "command": rerun_command(overrides, command),
         "overrides": overrides,
         "argv": sys.argv,
         "cwd": str(Path.cwd()),

@@ -107,7 +107,7 @@ RULES: dict[str, Rule] = {
     "finetune.milestones": _increasing(),
     "finetune.lr_decay": _number(0, 1, low_open=True, null=True),
     "finetune.freeze_bn_stats": BOOL,
-    "finetune.feature_cache": _one_of("auto", True, False),
+    "finetune.feature_cache": _one_of("auto", "disk", False, "false"),
     "optim.lr": _number(0, low_open=True),
     "optim.weight_decay": _number(0),
     "optim.momentum": _number(0, 1, high_open=True),
@@ -220,17 +220,16 @@ def check_keys(cfg: DictConfig) -> None:
 
 
 def check_length(cfg: DictConfig) -> None:
-    """A schedule spread over the run needs the run's length (OneCycle with no epochs)."""
+    """A schedule shaped over the run needs the run's length in steps (OneCycle with no epochs)."""
     trainer = cfg.get("trainer") or {}
     epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
-    if epochs not in (None, -1) or steps not in (None, -1):
-        return
     name = (cfg.get("scheduler") or {}).get("name", "none")
-    if epochs == -1 or name in PLANNED:
-        endless = "an endless run" if epochs == -1 else "Lightning's default of 1000 epochs"
-        raise UserError(f"trainer.max_epochs={_show(epochs)} with no trainer.max_steps: scheduler={name} is planned "
-                        f"over the run's length, which would be {endless}; set trainer.max_epochs=N or "
-                        "trainer.max_steps=N")
+    if name not in PLANNED or epochs not in (None, -1) or steps not in (None, -1):
+        return
+    endless = "an endless run" if epochs == -1 else "Lightning's default of 1000 epochs"
+    raise UserError(f"trainer.max_epochs={_show(epochs)} with no trainer.max_steps: scheduler={name} is planned over "
+                    f"the run's length in steps, which would be {endless}; set trainer.max_epochs=N or "
+                    "trainer.max_steps=N (or pick scheduler=constant, step or plateau)")
 
 
 def check_metrics(cfg: DictConfig, logged: list[str]) -> None:
