@@ -241,8 +241,8 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
         progress["trainer"] = trainer
     if in_multirun() and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
         raise Stopped(f"trainer.strategy={cfg.trainer.get('strategy')} in a sweep: Lightning starts the other DDP "
-                      "processes by rerunning this command, which would rerun the sweep; use "
-                      "trainer.strategy=ddp_spawn in sweeps")
+                      "processes by rerunning this command, which would rerun the sweep; sweep with one device per "
+                      "run (trainer.devices=1), or run DDP trainings one at a time (without -m)")
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)

@@ -51,6 +51,39 @@ def run_command(module: str, *args: str, env: dict, cwd: Path, check: bool = Tru
     return proc
 
 
+def run_module(capsys, name: str, *args: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python -m lightning_project.<name> args`, run in this process as
+    Python runs it (runpy, sys.argv: Hydra parses the command line): the imports are paid once. Hydra's job
+    logging replaces the root logger's handlers with ones on this test's captured streams, so they are put
+    back afterwards (a later test would log into a closed stream)."""
+    import logging
+    import runpy
+    import warnings
+
+    root, argv = logging.getLogger(), sys.argv
+    handlers, level = root.handlers[:], root.level
+    sys.argv = [f"lightning_project.{name}", *args]
+    status = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is also imported as a package member
+            runpy.run_module(f"lightning_project.{name}", run_name="__main__")
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def train(run_dir: Path, *overrides: str, env: dict, check: bool = True, fast: bool = True):
     args = [f"hydra.run.dir={run_dir}", *(FAST if fast else []), *overrides]
     return run_command("train", *args, env=env, cwd=run_dir.parent, check=check)

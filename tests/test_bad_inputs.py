@@ -11,14 +11,11 @@ from __future__ import annotations
 import errno
 import io
 import re
-import runpy
-import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_image_folder
+from conftest import FAST, make_image_folder, run_module
 from PIL import Image
 
 import lightning_project.data
@@ -32,11 +29,8 @@ SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
 
 def command(capsys, name: str, *args: str) -> tuple[int, str]:
     """(exit status, stderr) of `python -m lightning_project.<name> args` run in this process."""
-    sys.argv = [f"lightning_project.{name}", *args]
-    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is also imported as a package member
-        runpy.run_module(f"lightning_project.{name}", run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
+    status, _, err = run_module(capsys, name, *args)
+    return status, err
 
 
 def one_line(status: int, err: str) -> str:

@@ -1,5 +1,6 @@
 """Sweeps through the real command: a grid (with a failing combination), a random search, and an Optuna
-study killed mid-trial and resumed by rerunning the same command; the reports they leave; reproducibility."""
+study killed mid-trial and resumed by rerunning the same command; the reports they leave; reproducibility.
+The commands run in this process (conftest.run_module) except the one that is killed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FAST, ROOT, compose_train, run_command
+from conftest import FAST, ROOT, compose_train, run_module
 
 from lightning_project.train import train
 
@@ -32,11 +33,12 @@ def study(sweep_dir, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
 
 
-def test_grid_sweep_records_a_failed_run_goes_on_and_reports(tmp_path, env):
+def test_grid_sweep_records_a_failed_run_goes_on_and_reports(tmp_path, capsys):
     """cosine's 1-epoch warm-up does not fit a 2-step run: those two runs fail, the others finish."""
     sweep = tmp_path / "grid"
-    proc = run_command("train", "-m", "optim.lr=0.01,0.05", "scheduler=onecycle,cosine", "trainer.max_epochs=1",
-                       f"hydra.sweep.dir={sweep}", *TINY, env=env, cwd=tmp_path)
+    status, out, err = run_module(capsys, "train", "-m", "optim.lr=0.01,0.05", "scheduler=onecycle,cosine",
+                                  "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *TINY)
+    assert status == 0, err[-3000:]
     table = {(r["optim.lr"], r["scheduler"]): r for r in rows(sweep)}
     assert len(table) == 4 and [r["status"] for r in rows(sweep)] == ["completed"] * 2 + ["failed"] * 2
     for lr in ("0.01", "0.05"):
@@ -47,18 +49,20 @@ def test_grid_sweep_records_a_failed_run_goes_on_and_reports(tmp_path, env):
         record = json.loads((sweep / failed["run"] / "failure.json").read_text())
         assert record["status"] == "failed" and record["error"] == failed["error"]
     assert (sweep / "sweep.png").stat().st_size > 10_000
-    assert "error: run 1 failed: scheduler.warmup_epochs=1.0" in proc.stderr  # one line each, the sweep went on
+    assert "error: run 1 failed: scheduler.warmup_epochs=1.0" in err  # one line each, the sweep went on
     best = rows(sweep)[0]
     expected = (f"python -m lightning_project.train optim.lr={best['optim.lr']} scheduler=onecycle "
                 "trainer.max_epochs=1")
-    assert expected in proc.stdout
+    assert expected in out
 
 
-def test_random_search_samples_log_uniform_goes_on_past_failed_trials_and_a_rerun_has_nothing_left(tmp_path, env):
+def test_random_search_samples_log_uniform_goes_on_past_failed_trials_and_a_rerun_has_nothing_left(tmp_path,
+                                                                                                   capsys):
     """cosine's 1-epoch warm-up does not fit a 2-step run: those trials fail, and the search goes on."""
     args = ["hparams_search=random", "hydra.sweeper.n_trials=4", "trainer.max_epochs=1",
             "scheduler=choice(onecycle, cosine)", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
-    run_command("train", *args, env=env, cwd=tmp_path)
+    status, _, err = run_module(capsys, "train", *args)
+    assert status == 0, err[-3000:]
     sweep = tmp_path / "logs" / "train" / "optuna" / "train-random"
     found = {r["run"]: r for r in rows(sweep)}
     assert sorted(found) == ["0", "1", "2", "3"]
@@ -72,26 +76,25 @@ def test_random_search_samples_log_uniform_goes_on_past_failed_trials_and_a_reru
         row = found[str(t.number)]
         assert t.params["optim.lr"] == pytest.approx(float(row["optim.lr"]))
         assert t.state.name == ("FAIL" if row["status"] == "failed" else "COMPLETE")
-    again = run_command("train", *args, env=env, cwd=tmp_path)  # the same command: the study is complete
-    assert "4 trials done, 0 to go" in again.stdout + again.stderr
+    status, out, err = run_module(capsys, "train", *args)  # the same command: the study is complete
+    assert status == 0 and "4 trials done, 0 to go" in out + err
     assert len(study(sweep, "train-random").trials) == 4 and not (sweep / "4").exists()
-    other = run_command("train", *[a.replace("scheduler=choice(onecycle, cosine)", "scheduler=choice(step, cosine)")
-                                   for a in args], env=env, cwd=tmp_path, check=False)
-    line = [x for x in other.stderr.splitlines() if x.startswith("error: ")]
-    assert other.returncode == 2 and len(line) == 1 and "Traceback" not in other.stderr
+    status, _, err = run_module(capsys, "train", *[a.replace("(onecycle, cosine)", "(step, cosine)") for a in args])
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert status == 2 and len(line) == 1 and "Traceback" not in err
     assert line[0].startswith("error: scheduler: study train-random searched CategoricalDistribution(choices=("
                               "'onecycle', 'cosine')), this run asks") and "hparams_search.study=NEW" in line[0]
 
 
-def test_a_sweep_where_every_run_fails_exits_non_zero(tmp_path, env):
-    proc = run_command("train", "-m", "optim.lr=0.01,0.02", "scheduler=cosine", "trainer.max_epochs=1",
-                       f"hydra.sweep.dir={tmp_path / 'grid'}", *TINY, env=env, cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"error: no run of the sweep in {tmp_path / 'grid'} completed" in proc.stderr
+def test_a_sweep_where_every_run_fails_exits_non_zero(tmp_path, capsys):
+    status, _, err = run_module(capsys, "train", "-m", "optim.lr=0.01,0.02", "scheduler=cosine", "trainer.max_epochs=1",
+                                f"hydra.sweep.dir={tmp_path / 'grid'}", *TINY)
+    assert status == 1 and "Traceback" not in err
+    assert f"error: no run of the sweep in {tmp_path / 'grid'} completed" in err
     assert {r["status"] for r in rows(tmp_path / "grid")} == {"failed"}
 
 
-def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
+def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env, capsys, monkeypatch):
     args = [sys.executable, "-m", "lightning_project.train", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
             "trainer.max_epochs=2", "scheduler=onecycle", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
     sweep = tmp_path / "logs" / "train" / "optuna" / "train"
@@ -106,8 +109,9 @@ def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env):
     states = [t.state for t in study(sweep, "train").trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
 
-    rerun = run_command("train", *args[3:], env=env, cwd=tmp_path)  # the same command
-    assert "1 trials done, 2 to go" in rerun.stdout + rerun.stderr
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_module(capsys, "train", *args[3:])  # the same command
+    assert status == 0 and "1 trials done, 2 to go" in out + err
     trials = study(sweep, "train").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     first = [trials[0].params["optim.lr"], trials[1].params["optim.lr"]]

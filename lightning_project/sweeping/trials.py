@@ -44,10 +44,12 @@ def run_trial(task: Callable[..., float | None], cfg: Any, out: Path) -> float |
         raise
     except Exception as e:
         trainer = progress.get("trainer")
-        text = str(e).strip() if isinstance(e, UserError) else f"{type(e).__name__}: {e}".strip()
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # a user error's message is its first line; a crash re-raised from a worker ends with the real one
+        error = lines[0] if isinstance(e, UserError) and lines else f"{type(e).__name__}: {lines[-1] if lines else ''}"
         record = {
             "status": "failed",
-            "error": text.splitlines()[0] if text else type(e).__name__,
+            "error": error,
             "epoch": getattr(trainer, "current_epoch", None),
             "global_step": getattr(trainer, "global_step", None),
             "seconds": round(time.perf_counter() - started, 3),
