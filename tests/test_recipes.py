@@ -46,16 +46,6 @@ def test_overfit_one_batch_drives_the_loss_to_zero(tmp_path):
     assert history[-1]["train/acc"] == 1.0
 
 
-def test_deterministic_runs_repeat_exactly(tmp_path, env):
-    recipe = ["trainer.deterministic=true", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-              "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "data.batch_size=16",
-              "augment=basic"]
-    for name in ("a", "b"):
-        train(tmp_path / name, *recipe, env=env)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_deterministic_swaps_the_pooling_that_has_no_deterministic_cuda_kernel(tmp_path, deterministic):
     from torch import nn

@@ -125,10 +125,11 @@ def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env, capsy
 
 
 def test_same_seed_and_deterministic_give_identical_metrics_and_a_rerunnable_directory(tmp_path):
-    """Two runs on CPU with the same seed and trainer.deterministic=true: identical metrics, epoch by epoch."""
+    """Two runs on CPU with the same seed and trainer.deterministic=true, random augmentation included:
+    identical metrics, epoch by epoch."""
     reports = []
     for name in ("a", "b"):
-        cfg = compose_train(["trainer.deterministic=true", "trainer.max_epochs=2", "seed=7", *TINY],
+        cfg = compose_train(["trainer.deterministic=true", "trainer.max_epochs=2", "seed=7", "augment=basic", *TINY],
                             tmp_path / name)
         train(cfg)
         reports.append(json.loads((tmp_path / name / "metrics.json").read_text()))
