@@ -35,6 +35,8 @@ import time
 import warnings
 from pathlib import Path
 
+from data_pipeline import write_section  # the same RESULTS.md section writer (benchmarks/ is on sys.path)
+
 import pytorch_lightning as pl
 import torch
 import torchvision
@@ -262,18 +264,6 @@ def markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the section with the same title (up to the next `## `), or append it."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else ["# Benchmarks\n"]
-    title = section.splitlines()[0]
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == title), None)
-    if start is None:
-        path.write_text("".join(lines).rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    path.write_text("".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:]))
 
 
 def parse(argv=None) -> argparse.Namespace:
