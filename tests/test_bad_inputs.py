@@ -152,6 +152,23 @@ def test_an_unknown_option_of_a_group_is_named_by_hydra_with_the_choices(tmp_pat
     assert f"Available options in '{group}':" in err and not (tmp_path / "run").exists()
 
 
+def test_a_tracker_that_is_not_installed_names_the_extra(tmp_path, capsys, monkeypatch):
+    """As on a machine without mlflow: Lightning's logger refuses, the line names our extra (not Lightning's
+    hint, which asks for the full mlflow server)."""
+    from pytorch_lightning.loggers import mlflow
+
+    class Missing:
+        def __bool__(self):
+            return False
+
+        def __str__(self):
+            return "Requirement 'mlflow>=1.0.0' not met. HINT: Try running `pip install -U 'mlflow>=1.0.0'`"
+    monkeypatch.setattr(mlflow, "_MLFLOW_AVAILABLE", Missing())
+    line = train_error(capsys, tmp_path / "run", "logger=mlflow")
+    assert line == ("error: logger.mlflow needs a package that is not installed (Requirement 'mlflow>=1.0.0' not "
+                    "met): pip install -e '.[tracking]'")
+
+
 # ---- the data -----------------------------------------------------------------------------------------------
 def _bad_files(root):
     make_image_folder(root, ("cat", "dog"), per_class=6)

@@ -43,6 +43,8 @@ def run_trial(task: Callable[..., float | None], cfg: Any, out: Path) -> float |
     except Stopped:
         raise
     except Exception as e:
+        if not in_multirun():  # a single run: the error itself is the report
+            raise
         trainer = progress.get("trainer")
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         # a user error's message is its first line; a crash re-raised from a worker ends with the real one
@@ -59,8 +61,6 @@ def run_trial(task: Callable[..., float | None], cfg: Any, out: Path) -> float |
             (out / FAILURE).write_text(json.dumps(record, indent=2) + "\n")
         except OSError:
             log.warning("could not write %s", out / FAILURE)
-        if not in_multirun():
-            raise
         if not isinstance(e, UserError):  # a crash: its traceback belongs in the run's log
             log.exception("run %s crashed", out)
         print(f"error: run {out.name} failed: {record['error']} (the sweep goes on; see {out / FAILURE})",
