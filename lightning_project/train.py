@@ -13,12 +13,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -37,6 +38,7 @@ from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
 from lightning_project.sweeping import run_trial
+from lightning_project.sweeping.ddp import SweepJobLauncher
 from lightning_project.sweeping.trials import in_multirun
 from lightning_project.utils import provenance, runtime, schema, summary, tracking
 from lightning_project.utils.config import plain
@@ -115,6 +117,25 @@ def build_module(cfg: DictConfig, datamodule: ImageDataModule, mean, std, resumi
     return module
 
 
+def apply_speed(cfg: DictConfig, module: ClassifierModule, trainer: pl.Trainer) -> dict:
+    """channels_last and torch.compile as configured; returns the speed settings in force (metrics.json)."""
+    on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
+    setting = cfg.get("channels_last", "auto")
+    convolutional = any(isinstance(m, torch.nn.Conv2d) for m in module.net.modules())
+    channels_last = on_gpu and convolutional if setting == "auto" else bool(setting)
+    if channels_last:
+        module.use_channels_last()
+    if cfg.get("compile"):
+        module.compile_network(**{k: v for k, v in plain(cfg.get("compile_options") or {}).items() if v is not None})
+    precision = str(cfg.trainer.get("precision"))
+    if on_gpu and precision in ("32", "32-true") and rank_zero_only.rank == 0:
+        log.warning("training in float32 on %s: trainer=gpu (bf16-mixed, channels_last, cudnn.benchmark) is usually "
+                    "about twice as fast", torch.cuda.get_device_name())
+    return {"precision": precision, "channels_last": channels_last, "compile": bool(cfg.get("compile")),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "deterministic": bool(cfg.trainer.get("deterministic")),
+            "matmul_precision": cfg.matmul_precision}
+
+
 def resume_from(cfg: DictConfig, out: Path) -> str | None:
     """The checkpoint to continue from: `ckpt_path`, or with resume=auto this run directory's last.ckpt.
     Without either, a run directory that already holds a run is refused rather than overwritten."""
@@ -175,11 +196,16 @@ def build_trainer(cfg: DictConfig, history: EpochHistory) -> pl.Trainer:
     loggers = _instantiate_all(cfg.get("logger"), "logger")
     if not loggers:  # nothing to log learning rates to (Lightning would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     try:  # checkpoints are written atomically (callbacks/crash_safety.py says why Lightning's own is not enough)
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                               plugins=[AtomicCheckpointIO()], _convert_="all")
     except Exception as e:  # Lightning's own checks of accelerator, devices, precision, ...
         raise trainer_error(cfg.trainer, e) from None
+    if cfg.trainer.get("sync_batchnorm") and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator):
+        raise UserError("trainer.sync_batchnorm=true: PyTorch's SyncBatchNorm runs on GPUs only and this DDP run is on "
+                        "the CPU; set trainer.sync_batchnorm=false (each process then normalises its own batch)")
     # Lightning quietly trains in bf16 instead: the run would not be the one asked for
     if str(cfg.trainer.get("precision")) in ("16", "16-mixed") and isinstance(trainer.accelerator, CPUAccelerator):
         raise UserError(f"trainer.precision={cfg.trainer.precision}: float16 mixed precision needs a GPU and this run "
@@ -238,9 +264,11 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
     if progress is not None:
         progress["trainer"] = trainer
     if in_multirun() and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
-        raise Stopped(f"trainer.strategy={cfg.trainer.get('strategy')} in a sweep: Lightning starts the other DDP "
-                      "processes by rerunning this command, which would rerun the sweep; sweep with one device per "
-                      "run (trainer.devices=1), or run DDP trainings one at a time (without -m)")
+        # Lightning would start the other DDP processes by rerunning the whole sweep: run this job only
+        launcher = SweepJobLauncher(trainer.strategy.launcher, "lightning_project.train")
+        trainer.strategy._launcher = launcher
+        if progress is not None:
+            progress["finish"].append(launcher.finish)
     mean, std = normalization(cfg.model.name, cfg.model.weights)
     datamodule = build_datamodule(cfg, mean, std)
     log.info("data: %d classes, %s images", len(datamodule.classes), datamodule.counts)
@@ -252,6 +280,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
         check_resumable(ckpt_path, module, datamodule.class_counts)
     if main_process:
         print_groups(module, console)
+    speed = apply_speed(cfg, module, trainer)
 
     # frozen backbone + deterministic transforms: the head trains on features computed once (in fit_seconds)
     cache = FeatureCache.plan(module, datamodule, cfg.finetune.get("feature_cache", "auto"),
@@ -298,6 +327,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
         "param_groups": module.group_table(),
         "frozen_parameters": module.frozen_parameter_count(),
         "feature_cache": cache.report(),
+        "speed": speed,
         "classes": datamodule.classes,
         "split_sizes": datamodule.counts,
         "per_class": summary.per_class(module.confusion, datamodule.classes) if module.confusion is not None else None,

@@ -63,3 +63,43 @@ class MemoryProbe(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "rss.json").write_text(json.dumps(self.rss))
+
+
+class ReadBackCounter(pl.Callback):
+    """Counts, per training batch, the calls that read a tensor's value back to the host (on a GPU each
+    one waits for the queued kernels: a synchronisation). Written to `out`/readbacks.json at the end."""
+
+    READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.batch: int | None = None
+        self.counts: dict[int, list[str]] = {}
+        self._saved: dict[str, object] = {}
+
+    def _wrap(self, name: str, original):
+        def read(tensor, *args, **kwargs):
+            if self.batch is not None:
+                self.counts.setdefault(self.batch, []).append(name)
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for name in self.READS:
+            self._saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._wrap(name, self._saved[name]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch = batch_idx
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.batch = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.batch = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        (self.out / "readbacks.json").write_text(json.dumps(self.counts))

@@ -133,9 +133,15 @@ def test_the_configuration_is_checked_before_any_data_is_read(tmp_path, capsys, 
     (["finetune=gradual", "trainer.max_epochs=6"], r"finetune.milestones=\[2, 4, 6\]: the last milestone \(epoch 6\)"),
     (["callbacks.collapse_detector.patience=0"],
      r"callbacks.collapse_detector \(lightning_project.callbacks.CollapseDetector\): patience=0: must be at least 1"),
+    (["trainer=ddp_cpu", "trainer.sync_batchnorm=true"],
+     r"trainer.sync_batchnorm=true: PyTorch's SyncBatchNorm runs on GPUs only .* set trainer.sync_batchnorm=false"),
+    (["channels_last=yes"], r"channels_last='yes': must be one of true, false, auto$"),
+    (["+compile_options.modes=max-autotune"], r"compile_options.modes: torch.compile takes no such key; close names: mode"),
+    (["compile_options.mode=fastest"], r"compile_options.mode='fastest': must be one of null, default, reduce-overhead"),
 ], ids=["model-name", "pretrained-offline", "transform-name", "transform-argument", "group-option",
         "pattern-matches-nothing", "overlapping-groups", "strategy", "train-stages", "fractions", "num-classes",
-        "top5-of-3-classes", "precision", "16-mixed-on-cpu", "weight-set", "gradual-too-long", "callback-option"])
+        "top5-of-3-classes", "precision", "16-mixed-on-cpu", "weight-set", "gradual-too-long", "callback-option",
+        "sync-batchnorm-on-cpu", "channels-last", "compile-option-name", "compile-mode"])
 def test_bad_names_and_settings_stop_before_training(tmp_path, capsys, photo_folder, overrides, expected):
     line = train_error(capsys, tmp_path / "run", *[o.replace("{photos}", str(photo_folder)) for o in overrides])
     assert re.search(expected, line.removeprefix("error: ")), line

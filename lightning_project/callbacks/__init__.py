@@ -8,6 +8,7 @@ from lightning_project.callbacks.crash_safety import (
     StopOnNonFiniteLoss,
 )
 from lightning_project.callbacks.history import EpochHistory
+from lightning_project.callbacks.progress import LossProgressBar
 
-__all__ = ["AtomicCheckpointIO", "CollapseDetector", "EpochHistory", "RandomStateInCheckpoint", "SaveOnInterrupt",
+__all__ = ["AtomicCheckpointIO", "CollapseDetector", "EpochHistory", "LossProgressBar", "RandomStateInCheckpoint", "SaveOnInterrupt",
            "StopOnNonFiniteLoss"]

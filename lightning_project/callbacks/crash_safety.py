@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import random
 from pathlib import Path
@@ -88,26 +87,57 @@ class SaveOnInterrupt(pl.Callback):
 
 
 class StopOnNonFiniteLoss(pl.Callback):
-    """Raise a UserError at the first training step whose loss is NaN or infinite."""
+    """Raise a UserError naming the first training step whose loss is NaN or infinite.
+
+    Reading the loss on the host every step (`float(loss)`) would make the CPU wait for the GPU at
+    every step, and the GPU then idle while the next step is queued. Instead the first bad step is
+    recorded on the device (`torch.where`, no transfer) and read every `check_every_n_steps` steps
+    (default: `trainer.log_every_n_steps`, where Lightning's logging reads values anyway) and at the
+    last batch of each epoch, before validation and checkpoints see the weights. The step, epoch,
+    batch and learning rates of the recorded step come from a host-side log of the steps since the
+    last read, so the message is the same as a per-step check's; the steps in between trained on
+    NaNs that no checkpoint keeps.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None) -> None:
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise UserError(f"callbacks.stop_on_nan.check_every_n_steps={check_every_n_steps}: must be >= 1 or null")
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad: torch.Tensor | None = None  # [index into _pending, loss] of the first bad step; -1: none
+        self._pending: list[tuple[int, int, int, dict]] = []  # (step, epoch, batch, lrs) since the last read
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        value = float(loss.detach())  # one sync per step; the loss is on the progress bar anyway
-        if math.isfinite(value):
-            return
         lrs = {g.get("name", str(i)): f"{g['lr']:.3g}" for opt in trainer.optimizers
                for i, g in enumerate(opt.param_groups)}
+        self._pending.append((trainer.global_step, trainer.current_epoch, batch_idx, lrs))
+        loss = loss.detach().float()
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.tensor([-1.0, 0.0], device=loss.device)
+        new = ~torch.isfinite(loss) & (self._first_bad[0] < 0)
+        here = torch.stack([torch.full_like(loss, len(self._pending) - 1), loss])
+        self._first_bad = torch.where(new, here, self._first_bad)
+        every = self.check_every_n_steps or trainer.log_every_n_steps
+        if len(self._pending) >= every or batch_idx + 1 >= trainer.num_training_batches:
+            self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        index, value = self._first_bad.tolist()  # the one read from the device
+        pending, self._pending = self._pending, []
+        self._first_bad.fill_(-1.0)
+        if index < 0:
+            return
+        step, epoch, batch_idx, lrs = pending[int(index)]
         last = next((c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks
                      if getattr(c, "last_model_path", None) or getattr(c, "best_model_path", None)), None)
         raise UserError(
-            f"train/loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}) "
+            f"train/loss is {value} at step {step} (epoch {epoch}, batch {batch_idx}) "
             f"with learning rates {lrs}; last good checkpoint: {last or 'none yet'}. Lower optim.lr (python -m "
             "lightning_project.tune finds one), set trainer.gradient_clip_val, or check the data"
         )
-
 
 
 class RandomStateInCheckpoint(pl.Callback):

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from lightning_project.data import datasets, mixing, sampling
 from lightning_project.data.images import check_files
@@ -47,6 +47,7 @@ class ImageDataModule(pl.LightningDataModule):
     train_transforms / eval_transforms: pipeline specs (see data/transforms.py), normalised with mean/std.
     fold / num_folds: k-fold cross-validation; validate on fold `fold` (0-based) of `num_folds`.
     sampler: None | balanced | sqrt: class-balanced sampling of training batches (with replacement).
+    shuffle: reshuffle the training set every epoch (when no sampler is set).
     mixup_alpha / cutmix_alpha / mix_prob: MixUp/CutMix of training batches (targets become probabilities).
     """
 
@@ -69,6 +70,7 @@ class ImageDataModule(pl.LightningDataModule):
         fold: int | None = None,
         num_folds: int = 5,
         sampler: str | None = None,
+        shuffle: bool = True,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
@@ -224,10 +226,14 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = None
         if train and self.hparams.sampler:
             sampler = sampling.class_sampler(self._items[split][1], len(self.classes), self.hparams.sampler)
+        trainer = getattr(self, "trainer", None)
+        if train and sampler is None and not self.hparams.shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning shards a training set with a shuffling DistributedSampler whatever the loader said
+            sampler = DistributedSampler(self._datasets[split], trainer.world_size, trainer.global_rank, shuffle=False)
         return DataLoader(
             self._datasets[split],
             batch_size=batch,
-            shuffle=train and sampler is None,
+            shuffle=train and sampler is None and self.hparams.shuffle,
             sampler=sampler,
             collate_fn=self.mixer if train else None,
             num_workers=workers,

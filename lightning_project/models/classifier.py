@@ -34,14 +34,17 @@ CHECKPOINT_KEY = "lightning_project"  # our extra entry in Lightning checkpoints
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    # validate_args=False: torchmetrics' input checks (torch.unique over the targets, every update) read
+    # values back from the GPU at every step; our data modules only ever yield class indices in range
+    common = {"num_classes": num_classes, "validate_args": False}
     metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-        "precision": MulticlassPrecision(num_classes, average="macro"),
-        "recall": MulticlassRecall(num_classes, average="macro"),
+        "acc": MulticlassAccuracy(**common, average="micro"),
+        "f1": MulticlassF1Score(**common, average="macro"),
+        "precision": MulticlassPrecision(**common, average="macro"),
+        "recall": MulticlassRecall(**common, average="macro"),
     }
     if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["top5"] = MulticlassAccuracy(**common, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
 
 
@@ -108,11 +111,12 @@ class ClassifierModule(pl.LightningModule):
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.confusion: torch.Tensor | None = None  # filled at the end of `test`
         # True while batches hold cached backbone features instead of images (frozen backbone):
         # only the head runs. Set by the feature cache around `fit`, never saved.
         self.feature_input = False
+        self.channels_last = False  # NHWC weights and image batches (use_channels_last), never saved
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, weights_only=True, **kwargs):
@@ -240,6 +244,22 @@ class ClassifierModule(pl.LightningModule):
         for name, p in self.net.named_parameters():
             p.requires_grad_(name in ever)  # set back per epoch by on_train_epoch_start
 
+    # ---- speed ------------------------------------------------------------------------------
+    def use_channels_last(self) -> ClassifierModule:
+        """Convolution weights and image batches in channels_last (NHWC) memory layout: the layout
+        tensor cores work in, so cuDNN needs no transposes around each convolution under mixed
+        precision. The values, the state dict's keys and the checkpoints' loading are unchanged."""
+        self.channels_last = True
+        self.net.to(memory_format=torch.channels_last)
+        return self
+
+    def compile_network(self, **options) -> ClassifierModule:
+        """torch.compile the network in place (`nn.Module.compile`, options as torch.compile's):
+        unlike `torch.compile(module)`, which wraps it, the parameters keep their names, so the state
+        dict and checkpoints carry no `_orig_mod.` prefixes and load into an uncompiled model."""
+        self.net.compile(**options)
+        return self
+
     # ---- steps -------------------------------------------------------------------------------
     @property
     def head_module(self) -> nn.Module:
@@ -249,6 +269,8 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feature_input:
             return self.head_module(x)
+        if self.channels_last and x.ndim == 4:  # a no-op when the batch is already NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.net(x)
         return out if isinstance(out, torch.Tensor) else out.logits  # Inception/GoogLeNet in train mode
 
@@ -266,7 +288,9 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, self.train_metrics, self.criterion)
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # not on the progress bar: Lightning reads prog_bar step values back every step (a GPU sync);
+        # callbacks.progress_bar shows the loss instead, read only when it redraws
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self._log_metrics(self.train_metrics)
         return loss

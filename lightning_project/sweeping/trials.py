@@ -34,12 +34,16 @@ def in_multirun() -> bool:
 
 def run_trial(task: Callable[..., float | None], cfg: Any, out: Path) -> float | None:
     """`task(cfg, progress)`; in a multirun a failure is recorded and NaN returned instead of raised.
-    `progress` is a dict the task fills (`trainer`), so the record can say where the run stopped."""
+    `progress` is a dict the task fills: `trainer`, so the record can say where the run stopped, and
+    `finish`, functions called with `failed` when the run is over (a sweep job's DDP processes)."""
     (out / FAILURE).unlink(missing_ok=True)  # a rerun (resume=auto) of a run that failed before
-    progress: dict[str, Any] = {}
+    progress: dict[str, Any] = {"finish": []}
     started = time.perf_counter()
+    failed = True
     try:
-        return task(cfg, progress)
+        value = task(cfg, progress)
+        failed = False
+        return value
     except Stopped:
         raise
     except Exception as e:
@@ -66,3 +70,6 @@ def run_trial(task: Callable[..., float | None], cfg: Any, out: Path) -> float |
         print(f"error: run {out.name} failed: {record['error']} (the sweep goes on; see {out / FAILURE})",
               file=sys.stderr, flush=True)
         return math.nan
+    finally:
+        for finish in progress["finish"]:
+            finish(failed)

@@ -77,6 +77,12 @@ RULES: dict[str, Rule] = {
     "optimized_metric": TEXT,
     "optimized_mode": _one_of("max", "min"),
     "matmul_precision": _one_of("highest", "high", "medium"),
+    "channels_last": _one_of(True, False, "auto"),
+    "compile": BOOL,
+    "compile_options.mode": _one_of(None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "compile_options.fullgraph": BOOL,
+    "compile_options.dynamic": _one_of(None, True, False),
+    "compile_options.backend": TEXT,
     "resume": _one_of(None, "auto"),
     "test": BOOL,
     "loss.label_smoothing": _number(0, 1, high_open=True),
@@ -93,6 +99,7 @@ RULES: dict[str, Rule] = {
     "data.pin_memory": _one_of(True, False, "auto"),
     "data.persistent_workers": BOOL,
     "data.sampler": _one_of(None, "balanced", "sqrt"),
+    "data.shuffle": BOOL,
     "data.on_bad_file": _one_of("error", "skip"),
     "data.check_images": BOOL,
     "augment.image_size": POSITIVE_INT,
@@ -214,6 +221,11 @@ def check_keys(cfg: DictConfig) -> None:
         cls = resolve(cfg.optim.get("_target_", "SGD"), torch.optim, "optim._target_")
         taken = init_parameters(cls) if inspect.isclass(cls) else None
         _unknown("optim", cfg.optim.keys(), taken and (taken - {"params"}) | OPTIM_KEYS, cls.__name__)
+    if cfg.get("compile_options") is not None:
+        import torch
+
+        taken = set(inspect.signature(torch.compile).parameters) - {"model"}
+        _unknown("compile_options", cfg.compile_options.keys(), taken, "torch.compile")
     if cfg.get("scheduler") is not None:
         name = cfg.scheduler.get("name", "none")
         _unknown("scheduler", cfg.scheduler.keys(), scheduler_options(name) | {"name"}, f"scheduler={name}")

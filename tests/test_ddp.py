@@ -1,0 +1,71 @@
+"""Data parallel training on two CPU processes (gloo): the same result as one process, one run directory,
+and DDP inside a Hydra multirun (each job starts its own processes, for itself only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import FAST, compose_train, metrics, run_command
+from conftest import train as train_command
+
+from lightning_project.train import train
+
+pytestmark = pytest.mark.slow
+
+# the head of a frozen ResNet-18 (its BatchNorm in eval mode) on the digits in their order, without random
+# augmentation: two processes of 8 images per step see exactly the images of one process's 16
+EXACT = [*FAST, "finetune=feature_extractor", "finetune.feature_cache=false", "augment=none", "data.shuffle=false",
+         "trainer.limit_train_batches=4", "trainer.max_epochs=2", "trainer.limit_val_batches=4",
+         "trainer.limit_test_batches=4", "data.num_workers=0", "trainer.log_every_n_steps=1", "seed=3"]
+
+
+def head(run_dir) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.fc.")}
+
+
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, env):
+    """Gradients averaged over the processes, metrics synchronised across them, one run directory."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(compose_train([*EXACT, "data.batch_size=16", "data.eval_batch_size=16"], single))
+    train_command(ddp, "trainer=ddp_cpu", *EXACT, "data.batch_size=8", "data.eval_batch_size=8", env=env)
+    one, two = head(single), head(ddp)
+    assert one.keys() == two.keys() == {"net.fc.weight", "net.fc.bias"}
+    for name in one:  # the same weights after 8 steps: DDP's average of two half-batch gradients
+        assert torch.allclose(one[name], two[name], atol=1e-5), (name, (one[name] - two[name]).abs().max())
+    a, b = metrics(single), metrics(ddp)
+    # every split's metrics over all of its images (each process saw half): synchronised, not rank 0's half
+    for name in ("train/loss", "val/loss", "val/acc", "val/f1", "test/acc", "test/loss"):
+        assert a["metrics"][name] == pytest.approx(b["metrics"][name], abs=1e-4), name
+    assert [e["val/acc"] for e in a["history"]] == pytest.approx([e["val/acc"] for e in b["history"]], abs=1e-6)
+    assert b["global_step"] == a["global_step"] == 8
+    # rank 0 alone writes: one metrics.json, one set of checkpoints, one config, no second run directory
+    assert [p.relative_to(ddp).as_posix() for p in ddp.rglob("metrics.json")] == ["metrics.json"]
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert [p.name for p in tmp_path.iterdir()] and sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+
+
+def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, env):
+    """`train -m trainer=ddp_cpu optim.lr=a,b`: Lightning alone would rerun the whole sweep in each extra process."""
+    sweep = tmp_path / "multirun"
+    run_command("train", "-m", "trainer=ddp_cpu", "optim.lr=0.01,0.05", "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.max_epochs=1",
+                "data.batch_size=8", "data.num_workers=0", f"hydra.sweep.dir={sweep}", *FAST, env=env, cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0", "1"]  # no job run twice, no stray directories
+    for job, lr in zip(jobs, (0.01, 0.05)):
+        report = metrics(job)
+        assert report["global_step"] == 2 and report["metrics"]["test/acc"] >= 0
+        assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+        config = (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"optim.lr={lr}" in config and "trainer=ddp_cpu" in config
+        # the second process logged in its own file, in this job's directory
+        assert (job / "train_ddp_rank1.log").is_file() or any(job.glob("*ddp_rank1*.log")), list(job.iterdir())
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert not list(tmp_path.glob("logs"))  # the extra processes wrote nowhere else
+    assert json.loads((jobs[1] / "environment.json").read_text())["overrides"]
