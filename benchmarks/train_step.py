@@ -46,8 +46,8 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from lightning_project.callbacks import EpochHistory
-from lightning_project.models.backbones import normalization
-from lightning_project.train import build_datamodule, build_module, build_trainer
+from lightning_project.models.backbones import build_network, normalization
+from lightning_project.train import apply_speed, build_datamodule, build_module, build_trainer
 from lightning_project.utils import runtime, tracking
 from lightning_project.utils.config import plain
 
@@ -59,11 +59,14 @@ DEFAULTS = {  # per device: small enough for 2 CPU cores in about 2 minutes; the
     "cuda": dict(model="resnet50", image_size=224, batch_size=128, steps=100, warmup=20, precision="bf16-mixed",
                  channels_last=True, rounds=3),
 }
-ROWS = {  # row name -> extra overrides of the project path (None: the plain loop)
+FROZEN = ["finetune=feature_extractor", "finetune.feature_cache=false"]  # the backbone runs every step
+ROWS = {  # row name -> extra overrides of the project path (None: the plain loop; "frozen": its frozen version)
     "project": [],
     "plain": None,
     "deterministic": ["trainer.deterministic=true"],
     "no_benchmark": ["trainer.benchmark=false"],
+    "project_frozen": FROZEN,
+    "plain_frozen": "frozen",
 }
 
 
@@ -122,6 +125,7 @@ def overrides(args) -> list[str]:
         f"trainer={'gpu' if args.device.type == 'cuda' else 'cpu'}", f"trainer.precision={args.precision}",
         "trainer.max_epochs=1", f"trainer.limit_train_batches={args.warmup + args.steps}",
         "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "test=false",
+        f"channels_last={str(args.channels_last).lower()}",
     ]
     return out + ([] if args.progress_bar is None else [f"trainer.enable_progress_bar={args.progress_bar}"])
 
@@ -149,8 +153,7 @@ def project_rate(args, batches: list, extra: list[str]) -> float:
         mean, std = normalization(cfg.model.name, cfg.model.weights)
         datamodule = build_datamodule(cfg, mean, std)  # the class names; its images are never loaded
         module = build_module(cfg, datamodule, mean, std)
-        if args.channels_last:  # the project has no setting for it: done here, as a user would
-            module = module.to(memory_format=torch.channels_last)
+        apply_speed(cfg, module, trainer)  # channels_last (and compile), as train.py does
         clock = StepClock(args.device, args.warmup, args.steps)
         trainer.callbacks.append(clock)
         tracking.log_config(trainer.loggers, plain(cfg))
@@ -160,8 +163,9 @@ def project_rate(args, batches: list, extra: list[str]) -> float:
     return args.steps * args.batch_size / clock.seconds
 
 
-def plain_rate(args, batches: list, num_classes: int) -> float:
-    """The floor: the same step hand-written, with the optimizer and schedule the default config asks for."""
+def plain_rate(args, batches: list, num_classes: int, frozen: bool = False) -> float:
+    """The floor: the same step hand-written, with the optimizer and schedule the default config asks for;
+    `frozen`: only the new head trains, the backbone (BatchNorm too) in eval mode, as finetune=feature_extractor."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config(overrides(args), Path(run_dir))
     assert cfg.optim._target_.endswith("SGD") and cfg.scheduler.name == "onecycle", "written for sgd + onecycle"
@@ -172,9 +176,14 @@ def plain_rate(args, batches: list, num_classes: int) -> float:
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     net = torchvision.models.get_model(args.model, weights=None, num_classes=num_classes)
     net = net.to(args.device, memory_format=memory_format).train()
+    if frozen:
+        head = net.get_submodule(build_network(args.model, num_classes, 0.0)[1])  # the project's head name
+        net.eval().requires_grad_(False)
+        head.train().requires_grad_(True)
     # norm scales and biases are the 1-d tensors: no weight decay on them, as optim.no_decay_norm_bias does
-    groups = [{"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     options = {k: v for k, v in cfg.scheduler.items() if k != "name"}
     total = args.warmup + args.steps
@@ -229,6 +238,10 @@ def markdown(r: dict) -> str:
          f"{rate['deterministic'] / base:.3f}"),
         ("project, `trainer.benchmark=false`", "no_benchmark", f"{rate['no_benchmark'] / plain_:.3f}",
          f"{rate['no_benchmark'] / base:.3f}"),
+        ("plain loop, frozen backbone (only the head trains)", "plain_frozen", "", ""),
+        ("**project, `finetune=feature_extractor finetune.feature_cache=false`**", "project_frozen",
+         f"**{rate['project_frozen'] / rate['plain_frozen']:.3f}** (vs frozen plain)",
+         f"{rate['project_frozen'] / base:.3f}"),
     ]
     title = (f"## Training step: {c['model']}, {c['image_size']} px, batch {c['batch_size']}, {c['device']}, "
              f"{c['precision']}" + (", channels_last" if c["channels_last"] else "")
@@ -247,16 +260,16 @@ def markdown(r: dict) -> str:
         f"(median shown); {c['batches']} synthetic batches already on the device (no input pipeline); random "
         "weights. Project rows: `conf/train.yaml` with "
         f"`{' '.join(c['overrides'])}`, built by train.py's build_datamodule/build_module/build_trainer, "
-        "`trainer.fit(train_dataloaders=...)`"
-        + ("; channels_last applied by the benchmark to the module and batches (no project setting for it)."
-           if c["channels_last"] else "."),
+        "`trainer.fit(train_dataloaders=...)`; the frozen rows keep the backbone running every step (the feature "
+        "cache, which removes it, is measured by `benchmarks/feature_cache.py`).",
         "",
         "| | images/s | vs plain loop | vs project default |",
         "| --- | ---: | ---: | ---: |",
         *[f"| {name} | {rate[key]:.1f} | {vs_plain} | {vs_base} |" for name, key, vs_plain, vs_base in rows],
         "",
-        f"Project / plain loop: {base / plain_:.3f} (target on {c['device']}: at least {target:.2f}: "
-        f"{'met' if base / plain_ >= target else 'NOT met'})."
+        f"Project / plain loop: {base / plain_:.3f}, frozen {rate['project_frozen'] / rate['plain_frozen']:.3f} "
+        f"(target on {c['device']}: at least {target:.2f}: "
+        f"{'met' if min(base / plain_, rate['project_frozen'] / rate['plain_frozen']) >= target else 'NOT met'})."
         + (" On the CPU `trainer.benchmark` (cudnn) changes nothing: that row shows the noise."
            if c["device"] == "cpu" else "")
         + " Per-round images/s: "
@@ -312,7 +325,8 @@ def main(argv=None) -> int:
         for key in order:
             extra = ROWS[key]
             gc.collect()  # the previous row's trainer and module hold reference cycles (and device memory)
-            rate = plain_rate(args, batches, num_classes) if extra is None else project_rate(args, batches, extra)
+            rate = (plain_rate(args, batches, num_classes, frozen=extra == "frozen") if extra in (None, "frozen")
+                    else project_rate(args, batches, extra))
             rounds[key].append(rate)
             print(f"round {r + 1}/{args.rounds}, {key}: {rate:.1f} images/s", flush=True)
     spent = [b - a for a, b in zip(cpu_start, cpu_times())][:8]
@@ -327,6 +341,7 @@ def main(argv=None) -> int:
         "cpu_busy_steal": [1 - sum(spent[3:5] + spent[7:]) / sum(spent), spent[7] / sum(spent)],
         "images_per_s": median, "rounds": rounds,
         "project_over_plain": median["project"] / median["plain"],
+        "frozen_project_over_plain": median["project_frozen"] / median["plain_frozen"],
         "deterministic_over_default": median["deterministic"] / median["project"],
         "no_benchmark_over_default": median["no_benchmark"] / median["project"],
         "target": TARGETS[args.device.type],

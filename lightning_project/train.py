@@ -328,6 +328,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
         "frozen_parameters": module.frozen_parameter_count(),
         "feature_cache": cache.report(),
         "speed": speed,
+        "lr_scaling": module.applied_lr_scaling,
         "classes": datamodule.classes,
         "split_sizes": datamodule.counts,
         "per_class": summary.per_class(module.confusion, datamodule.classes) if module.confusion is not None else None,

@@ -51,7 +51,8 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, env):
 def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, env):
     """`train -m trainer=ddp_cpu optim.lr=a,b`: Lightning alone would rerun the whole sweep in each extra process."""
     sweep = tmp_path / "multirun"
-    run_command("train", "-m", "trainer=ddp_cpu", "optim.lr=0.01,0.05", "trainer.limit_train_batches=2",
+    run_command("train", "-m", "trainer=ddp_cpu", "optim.lr=0.01,0.05", "optim.scale_lr=linear", "optim.base_batch_size=8",
+                "trainer.limit_train_batches=2",
                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.max_epochs=1",
                 "data.batch_size=8", "data.num_workers=0", f"hydra.sweep.dir={sweep}", *FAST, env=env, cwd=tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -59,6 +60,8 @@ def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, env):
     for job, lr in zip(jobs, (0.01, 0.05)):
         report = metrics(job)
         assert report["global_step"] == 2 and report["metrics"]["test/acc"] >= 0
+        # two processes of 8: a global batch of 16, twice base_batch_size
+        assert (report["lr_scaling"]["processes"], report["lr_scaling"]["factor"]) == (2, 2.0)
         assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
         config = (job / ".hydra" / "overrides.yaml").read_text()
         assert f"optim.lr={lr}" in config and "trainer=ddp_cpu" in config

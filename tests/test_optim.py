@@ -117,3 +117,30 @@ def test_warmup_schedule_survives_a_checkpoint_round_trip():
     opt.step(), opt2.step()
     cfg["scheduler"].step(), cfg2["scheduler"].step()
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt2.param_groups]
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 4.0), ("sqrt", 2.0), (None, 1.0)])
+def test_scale_lr_scales_every_group_by_the_global_batch(tmp_path, rule, factor):
+    """Global batch 16 x 2 accumulated = 32 against base_batch_size 8: linear x4, sqrt x2; the groups keep
+    their ratios (the head at lr, the body at lr x 0.1) and the schedule runs on the scaled lrs."""
+    import json
+
+    from conftest import FAST, compose_train
+
+    from lightning_project.train import train
+
+    probe, run = tmp_path / "probe", tmp_path / "run"
+    train(compose_train([
+        *FAST, "optim=sgd_groups", "optim.lr=0.01", f"optim.scale_lr={'null' if rule is None else rule}",
+        "optim.base_batch_size=8", "data.batch_size=16", "trainer.accumulate_grad_batches=2", "scheduler=none",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "trainer.max_epochs=1", "data.num_workers=0",
+        "+callbacks.probe._target_=probes.Probe", f"+callbacks.probe.out={probe}"], run))
+    lrs = json.loads((probe / "rank0.json").read_text())["lrs"][0]
+    assert lrs["head"] == pytest.approx(0.01 * factor) and lrs["body"] == pytest.approx(0.001 * factor)
+    scaling = json.loads((run / "metrics.json").read_text())["lr_scaling"]
+    if rule is None:
+        assert scaling is None
+    else:
+        assert scaling == {"rule": rule, "global_batch": 32, "per_device": 16, "processes": 1, "accumulate": 2,
+                           "base_batch_size": 8, "factor": factor}

@@ -117,6 +117,7 @@ class ClassifierModule(pl.LightningModule):
         # only the head runs. Set by the feature cache around `fit`, never saved.
         self.feature_input = False
         self.channels_last = False  # NHWC weights and image batches (use_channels_last), never saved
+        self.applied_lr_scaling: dict | None = None  # optim.scale_lr as applied by configure_optimizers
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, weights_only=True, **kwargs):
@@ -318,15 +319,17 @@ class ClassifierModule(pl.LightningModule):
     # ---- optimizer ---------------------------------------------------------------------------
     def _optimizer_options(self) -> dict:
         optim = dict(self.hparams.optim or {})
-        for key in ("_target_", "groups", "rest", "lr", "no_decay_norm_bias"):
+        for key in ("_target_", "groups", "rest", "lr", "no_decay_norm_bias", "scale_lr", "base_batch_size"):
             optim.pop(key, None)
         return optim
 
-    def _build_optimizer(self):
+    def _build_optimizer(self, lr_factor: float = 1.0):
         params = dict(self.net.named_parameters())
         param_groups = [
             {"name": g.name, "params": [params[n] for n in g.names], **g.options} for g in self.groups
         ]
+        for group in param_groups:
+            group["lr"] *= lr_factor
         target = (self.hparams.optim or {}).get("_target_", "SGD")
         return build_optimizer(param_groups, target, **self._optimizer_options())
 
@@ -336,8 +339,41 @@ class ClassifierModule(pl.LightningModule):
         sched = dict(self.hparams.scheduler or {"name": "none"})
         build_scheduler(self._build_optimizer(), total_steps=10**9, steps_per_epoch=1, **sched)
 
+    def lr_scaling(self) -> dict | None:
+        """optim.scale_lr=linear|sqrt: every group's lr times (global batch / optim.base_batch_size), or its
+        square root, the global batch being data.batch_size x processes x accumulate_grad_batches (Goyal et
+        al.'s linear rule for SGD, the square-root rule for adaptive optimizers). Computed when Lightning
+        builds the optimizer, once the number of processes is known."""
+        optim = self.hparams.optim or {}
+        rule = optim.get("scale_lr")
+        if not rule:
+            return None
+        if rule not in ("linear", "sqrt"):
+            raise UserError(f"optim.scale_lr={rule!r}: choose linear, sqrt or null")
+        dm = self.trainer.datamodule
+        per_device = dm.hparams.batch_size if dm is not None else self.trainer.train_dataloader.batch_size
+        trainer = self.trainer
+        batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
+        ratio = batch / int(optim.get("base_batch_size", 256))
+        factor = ratio if rule == "linear" else math.sqrt(ratio)
+        sched = self.hparams.scheduler or {}
+        if factor > 1 and (sched.get("name", "none") in ("step", "multistep", "plateau", "none")
+                           or sched.get("name") in ("cosine", "linear", "constant", "inverse_sqrt")
+                           and not sched.get("warmup_epochs")):
+            log.warning("optim.scale_lr=%s raises every lr %.3gx without a warm-up: large-batch training usually "
+                        "needs one (scheduler=onecycle, or scheduler.warmup_epochs=5 with cosine/linear)", rule, factor)
+        return {"rule": rule, "global_batch": batch, "per_device": per_device, "processes": trainer.world_size,
+                "accumulate": trainer.accumulate_grad_batches, "base_batch_size": int(optim.get("base_batch_size", 256)),
+                "factor": factor}
+
     def configure_optimizers(self):
-        optimizer = self._build_optimizer()
+        scaling = self.lr_scaling()
+        if scaling is not None and self.trainer.is_global_zero:
+            log.info("optim.scale_lr=%s: global batch %d (%d x %d processes x %d accumulated) / %d: every lr x %.4g",
+                     scaling["rule"], scaling["global_batch"], scaling["per_device"], scaling["processes"],
+                     scaling["accumulate"], scaling["base_batch_size"], scaling["factor"])
+        self.applied_lr_scaling = scaling
+        optimizer = self._build_optimizer(scaling["factor"] if scaling else 1.0)
         total = self.trainer.estimated_stepping_batches
         per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         sched = dict(self.hparams.scheduler or {"name": "none"})

@@ -120,6 +120,8 @@ RULES: dict[str, Rule] = {
     "optim.momentum": _number(0, 1, high_open=True),
     "optim.rest": _one_of("default", "freeze"),
     "optim.no_decay_norm_bias": BOOL,
+    "optim.scale_lr": _one_of(None, "linear", "sqrt"),
+    "optim.base_batch_size": POSITIVE_INT,
     "scheduler.name": _one_of(*SCHEDULERS),
     "scheduler.warmup_epochs": _number(0),
     "scheduler.min_lr_ratio": FRACTION,
@@ -154,7 +156,8 @@ KNOWN = {
     "augment": {"image_size", "eval_resize", "train", "eval", "mixup_alpha", "cutmix_alpha", "mix_prob"},
     "loss": {"label_smoothing", "class_weights"},
 }
-OPTIM_KEYS = {"_target_", "lr", "groups", "rest", "no_decay_norm_bias"}  # ours; the rest go to the optimizer
+# ours; the rest go to the optimizer
+OPTIM_KEYS = {"_target_", "lr", "groups", "rest", "no_decay_norm_bias", "scale_lr", "base_batch_size"}
 
 
 def init_parameters(cls: type) -> set[str] | None:
