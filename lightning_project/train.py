@@ -353,11 +353,18 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
     return value
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with runtime.user_errors():  # in a sweep, a failed run is recorded and the sweep goes on
         return run_trial(train, cfg, run_dir())
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra runs the importable module's main, not this __main__ copy: launchers that pickle the task (joblib,
+    # submitit) then send a reference to lightning_project.train.main instead of this file's code and globals by value
+    from lightning_project.train import main as importable_main
+
+    importable_main()

@@ -94,6 +94,16 @@ def test_a_sweep_where_every_run_fails_exits_non_zero(tmp_path, capsys):
     assert {r["status"] for r in rows(tmp_path / "grid")} == {"failed"}
 
 
+def test_a_sweep_without_a_sweep_dir_goes_under_logs_of_the_current_directory(tmp_path, capsys, monkeypatch):
+    """As the README types it: the sweep directory comes from paths.log_dir, which the sweeper resolves before
+    Hydra has set its own config (${hydra:runtime.cwd} is not available then)."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_module(capsys, "train", "-m", "optim.lr=0.01", "trainer.max_epochs=1", *TINY)
+    assert status == 0, err[-3000:]
+    [sweep] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "sweep_summary.csv").is_file()
+
+
 def test_optuna_sweep_killed_mid_trial_continues_when_rerun(tmp_path, env, capsys, monkeypatch):
     args = [sys.executable, "-m", "lightning_project.train", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
             "trainer.max_epochs=2", "scheduler=onecycle", f"paths.log_dir={tmp_path / 'logs'}", *TINY]
