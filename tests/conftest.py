@@ -62,6 +62,7 @@ def run_module(capsys, name: str, *args: str) -> tuple[int, str, str]:
 
     root, argv = logging.getLogger(), sys.argv
     handlers, level = root.handlers[:], root.level
+    HydraConfig.instance().cfg = None  # as in a new process: no config left by an earlier compose_train
     sys.argv = [f"lightning_project.{name}", *args]
     status = 0
     try:

@@ -103,3 +103,27 @@ class ReadBackCounter(pl.Callback):
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
         (self.out / "readbacks.json").write_text(json.dumps(self.counts))
+
+
+class MetricInputs(pl.Callback):
+    """Records what the module's train_metrics are updated with, per epoch, and the accuracy of all of it:
+    what train/acc must be when every update of the epoch (and nothing of earlier epochs) counts."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.correct: dict[int, list[int]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        update = pl_module.train_metrics.update
+
+        def recording(preds, target, *args, **kwargs):
+            hits = (preds.argmax(dim=1) == target).sum().item(), target.numel()
+            totals = self.correct.setdefault(trainer.current_epoch, [0, 0])
+            totals[0], totals[1] = totals[0] + hits[0], totals[1] + hits[1]
+            return update(preds, target, *args, **kwargs)
+
+        pl_module.train_metrics.update = recording
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.out / "train_acc.json").write_text(json.dumps({e: c / n for e, (c, n) in self.correct.items()}))

@@ -64,3 +64,15 @@ def test_channels_last_auto_is_off_on_the_cpu(tmp_path):
     train(compose_train(TINY, run))
     speed = json.loads((run / "metrics.json").read_text())["speed"]
     assert speed["channels_last"] is False and speed["compile"] is False
+
+
+def test_train_metrics_logged_once_an_epoch_count_every_batch_of_that_epoch(tmp_path):
+    """The metric objects are handed to Lightning at the epoch's first step only (each self.log costs every
+    step); train/acc must still be over all of the epoch's batches, and over nothing of the epoch before."""
+    probe, run = tmp_path / "probe", tmp_path / "run"
+    train(compose_train([*TINY, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "optim.lr=0.05",
+                         "+callbacks.inputs._target_=probes.MetricInputs", f"+callbacks.inputs.out={probe}"], run))
+    expected = json.loads((probe / "train_acc.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [e["train/acc"] for e in history] == pytest.approx([expected[str(i)] for i in range(3)], abs=1e-6)
+    assert len(set(expected.values())) > 1  # the epochs differ: a value carried over would show

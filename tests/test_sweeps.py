@@ -98,8 +98,8 @@ def test_a_sweep_without_a_sweep_dir_goes_under_logs_of_the_current_directory(tm
     """As the README types it: the sweep directory comes from paths.log_dir, which the sweeper resolves before
     Hydra has set its own config (${hydra:runtime.cwd} is not available then)."""
     monkeypatch.chdir(tmp_path)
-    status, _, err = run_module(capsys, "train", "-m", "optim.lr=0.01", "trainer.max_epochs=1", *TINY)
-    assert status == 0, err[-3000:]
+    status, out, err = run_module(capsys, "train", "-m", "optim.lr=0.01", "trainer.max_epochs=1", *TINY)
+    assert status == 0 and "error" not in err, err[-3000:] + out[-3000:]
     [sweep] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert (sweep / "0" / "metrics.json").is_file() and (sweep / "sweep_summary.csv").is_file()
 
