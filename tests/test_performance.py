@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -28,6 +29,9 @@ def test_training_steps_read_back_from_the_device_only_at_logging_steps(tmp_path
     reads = {int(k): v for k, v in json.loads((probe / "readbacks.json").read_text()).items()}
     assert set(reads) <= {9, 19, 29}, reads  # batch indices 9, 19, 29: the 10th, 20th and 30th steps
     assert reads.get(9), "the logging step read nothing: the counter is not counting"
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:  # the step loss still reaches the loggers
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert [int(r["step"]) for r in rows] == [9, 19, 29] and all(float(r["train/loss_step"]) > 0 for r in rows)
 
 
 TINY = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
