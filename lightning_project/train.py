@@ -38,7 +38,7 @@ from lightning_project.models.finetune import check_milestones
 from lightning_project.models.layers import make_pooling_deterministic
 from lightning_project.utils import config as config_utils
 from lightning_project.sweeping import run_trial
-from lightning_project.sweeping.ddp import SweepJobLauncher
+from lightning_project.sweeping.ddp import SweepJobLauncher, shorten_timeout
 from lightning_project.sweeping.trials import in_multirun
 from lightning_project.utils import provenance, runtime, schema, summary, tracking
 from lightning_project.utils.config import plain
@@ -267,6 +267,7 @@ def train(cfg: DictConfig, progress: dict | None = None) -> float | None:
         # Lightning would start the other DDP processes by rerunning the whole sweep: run this job only
         launcher = SweepJobLauncher(trainer.strategy.launcher, "lightning_project.train")
         trainer.strategy._launcher = launcher
+        shorten_timeout(trainer.strategy)
         if progress is not None:
             progress["finish"].append(launcher.finish)
     mean, std = normalization(cfg.model.name, cfg.model.weights)

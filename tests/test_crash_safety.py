@@ -56,6 +56,21 @@ def test_non_finite_loss_stops_with_the_step_and_learning_rates(tmp_path):
     assert "Lower optim.lr" in message
 
 
+def test_the_deferred_nan_check_names_the_step_a_per_step_check_names(tmp_path):
+    """The flag is read on logging steps only (log_every_n_steps=10 here, 6 batches: at the epoch's end), yet
+    the message is the one a read every step gives: the first bad step, its batch and its learning rates."""
+    recipe = ["optim.lr=1e30", "scheduler=constant", "trainer.max_epochs=2", *SHORT, "trainer.limit_train_batches=6",
+              "data.batch_size=8", "trainer.log_every_n_steps=10"]
+    messages = []
+    for every in ("null", "1"):
+        cfg = compose_train([*recipe, f"callbacks.stop_on_nan.check_every_n_steps={every}"], tmp_path / every)
+        with pytest.raises(UserError) as raised:
+            train(cfg)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1], messages
+    assert not list((tmp_path / "null" / "checkpoints").glob("*.ckpt"))  # no checkpoint holds the NaN weights
+
+
 def test_resume_auto_continues_and_a_used_run_directory_is_refused(tmp_path):
     run, recipe = tmp_path / "run", ["scheduler=constant", *SHORT]  # a schedule whose length may grow
     train(compose_train(["trainer.max_epochs=1", *recipe], run))

@@ -45,19 +45,24 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, env):
     # rank 0 alone writes: one metrics.json, one set of checkpoints, one config, no second run directory
     assert [p.relative_to(ddp).as_posix() for p in ddp.rglob("metrics.json")] == ["metrics.json"]
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
-    assert [p.name for p in tmp_path.iterdir()] and sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
 
 
 def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, env):
-    """`train -m trainer=ddp_cpu optim.lr=a,b`: Lightning alone would rerun the whole sweep in each extra process."""
-    sweep = tmp_path / "multirun"
-    run_command("train", "-m", "trainer=ddp_cpu", "optim.lr=0.01,0.05", "optim.scale_lr=linear", "optim.base_batch_size=8",
-                "trainer.limit_train_batches=2",
-                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.max_epochs=1",
-                "data.batch_size=8", "data.num_workers=0", f"hydra.sweep.dir={sweep}", *FAST, env=env, cwd=tmp_path)
+    """`train -m --config-dir DIR ... trainer=ddp_cpu optim.lr=a,b`: Lightning alone would rerun the whole sweep in
+    each extra process. Here each job's extra process runs that job (its overrides, the same config sources), a
+    job that fails (NaN at lr 1e30) is recorded and the next one still starts its processes."""
+    sweep, mine = tmp_path / "multirun", tmp_path / "my_conf" / "augment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("defaults:\n  - none\n  - _self_\n")  # a user's own augment preset
+    run_command("train", "-m", "--config-dir", str(tmp_path / "my_conf"), "augment=mine", "trainer=ddp_cpu",
+                "optim.lr=0.01,1e30,0.05", "scheduler=constant", "optim.scale_lr=linear", "optim.base_batch_size=8",
+                "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                "trainer.max_epochs=1", "data.batch_size=8", "data.num_workers=0", f"hydra.sweep.dir={sweep}", *FAST,
+                env=env, cwd=tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in jobs] == ["0", "1"]  # no job run twice, no stray directories
-    for job, lr in zip(jobs, (0.01, 0.05)):
+    assert [p.name for p in jobs] == ["0", "1", "2"]  # no job run twice, no stray directories
+    for job, lr in ((jobs[0], 0.01), (jobs[2], 0.05)):
         report = metrics(job)
         assert report["global_step"] == 2 and report["metrics"]["test/acc"] >= 0
         # two processes of 8: a global batch of 16, twice base_batch_size
@@ -65,10 +70,12 @@ def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, env):
         assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
         config = (job / ".hydra" / "overrides.yaml").read_text()
         assert f"optim.lr={lr}" in config and "trainer=ddp_cpu" in config
-        # the second process logged in its own file, in this job's directory
-        assert (job / "train_ddp_rank1.log").is_file() or any(job.glob("*ddp_rank1*.log")), list(job.iterdir())
+        # the second process ran this job: its own log in this job's directory, with the job's settings
+        log = (job / "train_ddp_rank1.log").read_text()
+        assert "Could not" not in log and (job / "train_ddp_rank1.log").stat().st_size > 0
+    failure = json.loads((jobs[1] / "failure.json").read_text())
+    assert failure["error"].startswith("train/loss is ") and not (jobs[1] / "metrics.json").exists()
     with open(sweep / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert {r["run"]: r["status"] for r in rows} == {"0": "completed", "1": "failed", "2": "completed"}
     assert not list(tmp_path.glob("logs"))  # the extra processes wrote nowhere else
-    assert json.loads((jobs[1] / "environment.json").read_text())["overrides"]

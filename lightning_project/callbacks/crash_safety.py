@@ -91,12 +91,12 @@ class StopOnNonFiniteLoss(pl.Callback):
 
     Reading the loss on the host every step (`float(loss)`) would make the CPU wait for the GPU at
     every step, and the GPU then idle while the next step is queued. Instead the first bad step is
-    recorded on the device (`torch.where`, no transfer) and read every `check_every_n_steps` steps
-    (default: `trainer.log_every_n_steps`, where Lightning's logging reads values anyway) and at the
-    last batch of each epoch, before validation and checkpoints see the weights. The step, epoch,
-    batch and learning rates of the recorded step come from a host-side log of the steps since the
-    last read, so the message is the same as a per-step check's; the steps in between trained on
-    NaNs that no checkpoint keeps.
+    recorded on the device (`torch.where`, no transfer) and read on the steps where Lightning writes
+    to the loggers (`trainer.log_every_n_steps`, which read values anyway), or every
+    `check_every_n_steps` if set, at the last batch of an epoch, and before any validation or
+    checkpoint sees the weights, so no checkpoint holds them. The step, epoch, batch and learning rates
+    of the recorded step come from a host-side log of the steps since the last read: the message is
+    the one a per-step check would give; the steps in between trained on NaNs that nothing keeps.
     """
 
     def __init__(self, check_every_n_steps: int | None = None) -> None:
@@ -120,11 +120,25 @@ class StopOnNonFiniteLoss(pl.Callback):
         new = ~torch.isfinite(loss) & (self._first_bad[0] < 0)
         here = torch.stack([torch.full_like(loss, len(self._pending) - 1), loss])
         self._first_bad = torch.where(new, here, self._first_bad)
-        every = self.check_every_n_steps or trainer.log_every_n_steps
-        if len(self._pending) >= every or batch_idx + 1 >= trainer.num_training_batches:
+        if self.check_every_n_steps is not None:
+            due = len(self._pending) >= self.check_every_n_steps
+        else:  # Lightning's own test for "write the step values now" (also used by its LearningRateMonitor)
+            due = getattr(trainer._logger_connector, "should_update_logs", True)
+        if due or batch_idx + 1 >= trainer.num_training_batches:
             self._check(trainer)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._check(trainer)  # raising here keeps the NaN weights out of the file
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
     def _check(self, trainer: pl.Trainer) -> None:
+        if not self._pending or self._first_bad is None:
+            return
         index, value = self._first_bad.tolist()  # the one read from the device
         pending, self._pending = self._pending, []
         self._first_bad.fill_(-1.0)

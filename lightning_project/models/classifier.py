@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -46,6 +46,27 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes >= 5:
         metrics["top5"] = MulticlassAccuracy(**common, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+class BatchMean(Metric):
+    """The mean of per-batch values weighted by batch size, summed over processes at compute: what
+    Lightning's own on_epoch averaging gives. (torchmetrics' MeanMetric either checks every value for NaN,
+    a read-back from the GPU, or with nan_strategy="disable" drops the weights; its weight also travels
+    as a tensor copied to the device every step. A Python int added in place is a kernel argument.)"""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")  # float32: MPS has no float64
+        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, n: int) -> None:
+        self.total += value.detach().float() * n
+        self.count += n
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
 
 
 def metric_names(num_classes: int | None) -> list[str]:
@@ -109,7 +130,7 @@ class ClassifierModule(pl.LightningModule):
             self.criterion.register_buffer("weight", weight, persistent=False)
         self.eval_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _metrics(num_classes, "train/")
-        self.train_loss = MeanMetric(nan_strategy="disable")  # train/loss, the epoch's mean (no NaN check: a read-back)
+        self.train_loss = BatchMean()  # train/loss: the epoch's mean over all processes
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
@@ -297,9 +318,9 @@ class ClassifierModule(pl.LightningModule):
         # handed to Lightning once an epoch, which computes them from all the epoch's updates, synchronised
         # across processes, then resets them. Not on the progress bar either: callbacks.progress_bar shows it.
         loss, _ = self._step(batch, self.train_metrics, self.criterion)
-        self.train_loss.update(loss.detach(), batch[1].shape[0])
-        connector = self.trainer._logger_connector
-        if getattr(connector, "should_update_logs", True) or self.trainer.fast_dev_run:
+        self.train_loss.update(loss, batch[1].shape[0])
+        trainer = self._trainer  # None when a notebook calls training_step by hand: then log as Lightning would
+        if trainer is None or getattr(trainer._logger_connector, "should_update_logs", True) or trainer.fast_dev_run:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         if not self._train_metrics_logged:
             self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
@@ -361,9 +382,12 @@ class ClassifierModule(pl.LightningModule):
             return None
         if rule not in ("linear", "sqrt"):
             raise UserError(f"optim.scale_lr={rule!r}: choose linear, sqrt or null")
-        dm = self.trainer.datamodule
-        per_device = dm.hparams.batch_size if dm is not None else self.trainer.train_dataloader.batch_size
         trainer = self.trainer
+        trainer.estimated_stepping_batches  # loads the training loader, if Lightning has not yet
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        if not per_device:
+            raise UserError("optim.scale_lr: the training loader has no fixed batch_size (a batch_sampler?); "
+                            "set optim.scale_lr=null and scale optim.lr by hand")
         batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
         ratio = batch / int(optim.get("base_batch_size", 256))
         factor = ratio if rule == "linear" else math.sqrt(ratio)
