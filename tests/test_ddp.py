@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 # the head of a frozen ResNet-18 (its BatchNorm in eval mode) on the digits in their order, without random
 # augmentation: two processes of 8 images per step see exactly the images of one process's 16
-EXACT = [*FAST, "finetune=feature_extractor", "finetune.feature_cache=false", "augment=none", "data.shuffle=false",
+EXACT = [*FAST, "finetune=feature_extractor", "augment=none", "data.shuffle=false",
          "trainer.limit_train_batches=4", "trainer.max_epochs=2", "trainer.limit_val_batches=4",
          "trainer.limit_test_batches=4", "data.num_workers=0", "trainer.log_every_n_steps=1", "seed=3"]
 
@@ -27,11 +27,15 @@ def head(run_dir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("net.fc.")}
 
 
-def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, env):
-    """Gradients averaged over the processes, metrics synchronised across them, one run directory."""
+@pytest.mark.parametrize("cache", ["false", "auto"], ids=["backbone-every-step", "feature-cache"])
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, env, cache):
+    """Gradients averaged over the processes, metrics synchronised across them, one run directory; with the
+    backbone run every step, and with the head trained on cached features."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    train(compose_train([*EXACT, "data.batch_size=16", "data.eval_batch_size=16"], single))
-    train_command(ddp, "trainer=ddp_cpu", *EXACT, "data.batch_size=8", "data.eval_batch_size=8", env=env)
+    exact = [*EXACT, f"finetune.feature_cache={cache}"]
+    train(compose_train([*exact, "data.batch_size=16", "data.eval_batch_size=16"], single))
+    train_command(ddp, "trainer=ddp_cpu", *exact, "data.batch_size=8", "data.eval_batch_size=8", env=env)
+    assert metrics(ddp)["feature_cache"]["used"] is (cache == "auto") is metrics(single)["feature_cache"]["used"]
     one, two = head(single), head(ddp)
     assert one.keys() == two.keys() == {"net.fc.weight", "net.fc.bias"}
     for name in one:  # the same weights after 8 steps: DDP's average of two half-batch gradients

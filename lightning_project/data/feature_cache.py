@@ -47,7 +47,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_project.errors import UserError
 
@@ -230,12 +230,15 @@ class FeatureCache:
         """A loader of features batched, shuffled and trimmed like the image loader it replaces."""
         data = self.features(split)
         # a class-balanced sampler draws indices only: it serves the features as it served the images
-        weighted = original.sampler if isinstance(original.sampler, WeightedRandomSampler) else None
+        sampler = original.sampler if isinstance(original.sampler, WeightedRandomSampler) else None
+        if isinstance(original.sampler, DistributedSampler):  # data.shuffle=false under DDP: keep it so
+            old = original.sampler
+            sampler = DistributedSampler(data, old.num_replicas, old.rank, shuffle=old.shuffle, seed=old.seed)
         return DataLoader(
             data,
             batch_size=original.batch_size,
-            sampler=weighted,
-            shuffle=weighted is None and isinstance(original.sampler, RandomSampler),
+            sampler=sampler,
+            shuffle=sampler is None and isinstance(original.sampler, RandomSampler),
             drop_last=original.drop_last,
             pin_memory=original.pin_memory,
         )
