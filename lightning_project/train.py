@@ -126,7 +126,13 @@ def apply_speed(cfg: DictConfig, module: ClassifierModule, trainer: pl.Trainer) 
     if channels_last:
         module.use_channels_last()
     if cfg.get("compile"):
-        module.compile_network(**{k: v for k, v in plain(cfg.get("compile_options") or {}).items() if v is not None})
+        options = {k: v for k, v in plain(cfg.get("compile_options") or {}).items() if v is not None}
+        try:
+            module.compile_network(**options)
+        except Exception as e:  # torch.compile checks the backend and mode when it is called
+            raise UserError(f"compile_options {options}: torch.compile refuses them ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}); fix compile_options.* (backend: inductor, aot_eager, eager)"
+                            ) from None
     precision = str(cfg.trainer.get("precision"))
     if on_gpu and precision in ("32", "32-true") and rank_zero_only.rank == 0:
         log.warning("training in float32 on %s: trainer=gpu (bf16-mixed, channels_last, cudnn.benchmark) is usually "

@@ -136,12 +136,16 @@ def test_the_configuration_is_checked_before_any_data_is_read(tmp_path, capsys, 
     (["trainer=ddp_cpu", "trainer.sync_batchnorm=true"],
      r"trainer.sync_batchnorm=true: PyTorch's SyncBatchNorm runs on GPUs only .* set trainer.sync_batchnorm=false"),
     (["channels_last=yes"], r"channels_last='yes': must be one of true, false, auto$"),
-    (["+compile_options.modes=max-autotune"], r"compile_options.modes: torch.compile takes no such key; close names: mode"),
-    (["compile_options.mode=fastest"], r"compile_options.mode='fastest': must be one of null, default, reduce-overhead"),
+    (["+compile_options.modes=max-autotune"],
+     r"compile_options.modes: torch.compile takes no such key; close names: mode"),
+    (["compile_options.mode=fastest"],
+     r"compile_options.mode='fastest': must be one of null, default, reduce-overhead"),
+    (["compile=true", "compile_options.backend=inductr"],
+     r"compile_options \{'backend': 'inductr'.*\}: torch.compile refuses them \(InvalidBackend: .*; fix compile_options"),
 ], ids=["model-name", "pretrained-offline", "transform-name", "transform-argument", "group-option",
         "pattern-matches-nothing", "overlapping-groups", "strategy", "train-stages", "fractions", "num-classes",
         "top5-of-3-classes", "precision", "16-mixed-on-cpu", "weight-set", "gradual-too-long", "callback-option",
-        "sync-batchnorm-on-cpu", "channels-last", "compile-option-name", "compile-mode"])
+        "sync-batchnorm-on-cpu", "channels-last", "compile-option-name", "compile-mode", "compile-backend"])
 def test_bad_names_and_settings_stop_before_training(tmp_path, capsys, photo_folder, overrides, expected):
     line = train_error(capsys, tmp_path / "run", *[o.replace("{photos}", str(photo_folder)) for o in overrides])
     assert re.search(expected, line.removeprefix("error: ")), line

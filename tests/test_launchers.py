@@ -8,6 +8,7 @@ processes that unpickle the task function, as they do for a user."""
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import stat
@@ -57,6 +58,15 @@ def test_joblib_sweep_runs_two_jobs_at_once_each_in_its_run_directory(tmp_path, 
     assert {float(r["optim.lr"]) for r in found.values()} == {0.01, 0.05}
     assert all(r["best_checkpoint"].endswith(".ckpt") and r["error"] == "" for r in found.values())
     assert (sweep / "sweep.png").is_file()
+    # at once: each run's log spans (first to last line) overlap, which one job after the other cannot give
+    (start0, end0), (start1, end1) = (log_span(sweep / run / "train.log") for run in ("0", "1"))
+    assert start0 < end1 and start1 < end0, (start0, end0, start1, end1)
+
+
+def log_span(path) -> tuple[datetime.datetime, datetime.datetime]:
+    stamps = [datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+              for line in path.read_text().splitlines() if line.startswith("[20")]
+    return stamps[0], stamps[-1]
 
 
 @pytest.mark.slow

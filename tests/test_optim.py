@@ -120,9 +120,10 @@ def test_warmup_schedule_survives_a_checkpoint_round_trip():
 
 
 @pytest.mark.parametrize("rule, factor", [("linear", 4.0), ("sqrt", 2.0), (None, 1.0)])
-def test_scale_lr_scales_every_group_by_the_global_batch(tmp_path, rule, factor):
+def test_scale_lr_scales_every_group_by_the_global_batch(tmp_path, caplog, rule, factor):
     """Global batch 16 x 2 accumulated = 32 against base_batch_size 8: linear x4, sqrt x2; the groups keep
-    their ratios (the head at lr, the body at lr x 0.1) and the schedule runs on the scaled lrs."""
+    their ratios (the head at lr, the body at lr x 0.1) and the schedule runs on the scaled lrs. With
+    scheduler=none there is no warm-up: a raised lr is warned about."""
     import json
 
     from conftest import FAST, compose_train
@@ -144,3 +145,5 @@ def test_scale_lr_scales_every_group_by_the_global_batch(tmp_path, rule, factor)
     else:
         assert scaling == {"rule": rule, "global_batch": 32, "per_device": 16, "processes": 1, "accumulate": 2,
                            "base_batch_size": 8, "factor": factor}
+    warned = [r.getMessage() for r in caplog.records if "without a warm-up" in r.getMessage()]
+    assert len(warned) == (rule is not None), warned

@@ -10,5 +10,5 @@ from lightning_project.callbacks.crash_safety import (
 from lightning_project.callbacks.history import EpochHistory
 from lightning_project.callbacks.progress import LossProgressBar
 
-__all__ = ["AtomicCheckpointIO", "CollapseDetector", "EpochHistory", "LossProgressBar", "RandomStateInCheckpoint", "SaveOnInterrupt",
-           "StopOnNonFiniteLoss"]
+__all__ = ["AtomicCheckpointIO", "CollapseDetector", "EpochHistory", "LossProgressBar", "RandomStateInCheckpoint",
+           "SaveOnInterrupt", "StopOnNonFiniteLoss"]

@@ -27,7 +27,7 @@ from torchmetrics.classification import (
 from lightning_project.errors import UserError
 from lightning_project.models import backbones, finetune
 from lightning_project.optim import build_optimizer, build_scheduler
-from lightning_project.optim.schedulers import WarmupSchedule
+from lightning_project.optim.schedulers import WARMUP_SHAPES, WarmupSchedule
 
 log = logging.getLogger("lightning_project")
 CHECKPOINT_KEY = "lightning_project"  # our extra entry in Lightning checkpoints
@@ -389,17 +389,15 @@ class ClassifierModule(pl.LightningModule):
             raise UserError("optim.scale_lr: the training loader has no fixed batch_size (a batch_sampler?); "
                             "set optim.scale_lr=null and scale optim.lr by hand")
         batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
-        ratio = batch / int(optim.get("base_batch_size", 256))
-        factor = ratio if rule == "linear" else math.sqrt(ratio)
+        base = int(optim.get("base_batch_size", 256))
+        factor = batch / base if rule == "linear" else math.sqrt(batch / base)
         sched = self.hparams.scheduler or {}
-        if factor > 1 and (sched.get("name", "none") in ("step", "multistep", "plateau", "none")
-                           or sched.get("name") in ("cosine", "linear", "constant", "inverse_sqrt")
-                           and not sched.get("warmup_epochs")):
+        name = sched.get("name", "none")
+        if factor > 1 and not (name == "onecycle" or name in WARMUP_SHAPES and sched.get("warmup_epochs")):
             log.warning("optim.scale_lr=%s raises every lr %.3gx without a warm-up: large-batch training usually "
                         "needs one (scheduler=onecycle, or scheduler.warmup_epochs=5 with cosine/linear)", rule, factor)
         return {"rule": rule, "global_batch": batch, "per_device": per_device, "processes": trainer.world_size,
-                "accumulate": trainer.accumulate_grad_batches, "base_batch_size": int(optim.get("base_batch_size", 256)),
-                "factor": factor}
+                "accumulate": trainer.accumulate_grad_batches, "base_batch_size": base, "factor": factor}
 
     def configure_optimizers(self):
         scaling = self.lr_scaling()

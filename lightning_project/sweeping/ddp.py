@@ -27,8 +27,7 @@ import sys
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
-from pytorch_lightning.strategies.launchers import subprocess_script
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher, subprocess_script
 
 log = logging.getLogger("lightning_project")
 _ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
@@ -54,7 +53,8 @@ class SweepJobLauncher(_SubprocessScriptLauncher):
                 sources.append(f"--config-dir={path}")
         command = [sys.executable, "-m", self.entry, *sources, *hydra.overrides.task,
                    f'hydra.run.dir="{hydra.runtime.output_dir}"',
-                   f"hydra.job.name={hydra.job.name}_ddp_rank{local_rank}", "hydra.output_subdir=null", "hydra.mode=RUN"]
+                   f"hydra.job.name={hydra.job.name}_ddp_rank{local_rank}", "hydra.output_subdir=null",
+                   "hydra.mode=RUN"]
         return command, hydra.runtime.cwd
 
     def launch(self, function, *args, trainer=None, **kwargs):
